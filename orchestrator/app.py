@@ -1,0 +1,176 @@
+"""The Orchestrator: one object that wires settings, registry, database and broker.
+
+Everything is built lazily, so that importing an application module (as Celery's
+``-A`` does) connects to nothing, and a forked worker child builds its own
+connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine as DbEngine
+
+from activities.definition import ActivityDefinition
+from activities.payload import to_payload, validate_input
+from orchestrator.db import create_db_engine
+from orchestrator.engine import Engine
+from orchestrator.errors import WorkflowAlreadyStartedError
+from orchestrator.policies import IdConflictPolicy, IdReusePolicy
+from orchestrator.registry import Registry
+from orchestrator.settings import Settings
+from outbox.errors import OrchestratorError
+from outbox.publisher import Publisher
+from outbox.relay import Relay
+from outbox.writer import OutboxWriter
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from orchestrator.client import Client
+    from orchestrator.embedded import EmbeddedBroker
+
+log = logging.getLogger("orchestrator")
+
+
+class Orchestrator:
+    """The workflows and activities of an application, and how to reach its services.
+
+    ``settings`` defaults to ``Settings()``, read from ``ORCHESTRATOR_*``
+    environment variables; with none set it runs embedded (SQLite, in-process broker).
+    """
+
+    def __init__(
+        self,
+        *,
+        workflows: Iterable[type[Any]] = (),
+        activities: Iterable[Callable[..., Any] | ActivityDefinition] = (),
+        settings: Settings | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.registry = Registry(workflows, activities)
+        self._lock = threading.RLock()
+        self._db: DbEngine | None = None
+        self._engine: Engine | None = None
+        self._celery: Celery | None = None
+        self._publisher: Publisher | None = None
+        self._embedded: EmbeddedBroker | None = None
+
+    # -- lazily built parts -------------------------------------------------------
+    @property
+    def db(self) -> DbEngine:
+        with self._lock:
+            if self._db is None:
+                self._db = create_db_engine(self.settings.database_url)
+            return self._db
+
+    @property
+    def celery(self) -> Celery:
+        """The Celery app (``celery -A module:attribute worker`` works on it too)."""
+        with self._lock:
+            if self._celery is None:
+                from orchestrator.celery_app import create_celery
+
+                self._celery = create_celery(self)
+            return self._celery
+
+    @property
+    def publisher(self) -> Publisher:
+        with self._lock:
+            if self._publisher is None:
+                if self.settings.embedded:
+                    from orchestrator.embedded import EmbeddedBroker
+
+                    self._embedded = EmbeddedBroker(self)
+                    self._publisher = self._embedded
+                else:
+                    from orchestrator.celery_app import CeleryPublisher
+
+                    self._publisher = CeleryPublisher(
+                        self.celery, dead_letter_exchange=self.settings.dead_letter_exchange
+                    )
+            return self._publisher
+
+    @property
+    def engine(self) -> Engine:
+        with self._lock:
+            if self._engine is None:
+                self._engine = Engine(
+                    registry=self.registry,
+                    settings=self.settings,
+                    db=self.db,
+                    outbox=OutboxWriter(self.db, self.publisher),
+                )
+            return self._engine
+
+    def client(self) -> Client:
+        """A client for starting and inspecting runs (starts the embedded workers if embedded)."""
+        from orchestrator.client import Client
+
+        if self.settings.embedded:
+            self.start_embedded()
+        return Client(self)
+
+    # -- processes ------------------------------------------------------------------
+    def relay(self) -> Relay:
+        return Relay(
+            self.db,
+            self.publisher,
+            grace=self.settings.relay_grace_seconds,
+            poll_interval=self.settings.relay_poll_seconds,
+        )
+
+    def run_scheduler(self, stop: threading.Event) -> None:
+        """Fire timers and expire deadlines until ``stop`` is set (survives database outages)."""
+        from orchestrator.scheduler import run_scheduler
+
+        run_scheduler(self.engine, stop, poll=self.settings.scheduler_poll_seconds)
+
+    def start_embedded(self) -> None:
+        """Start the in-process workers and scheduler (embedded mode only)."""
+        if not self.settings.embedded:
+            raise OrchestratorError("start_embedded() needs ORCHESTRATOR_BROKER_URL=embedded://")
+        self.engine  # noqa: B018 - builds the publisher, which is the embedded broker
+        assert self._embedded is not None
+        self._embedded.start()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Embedded mode: wait until every message published so far is handled."""
+        return self._embedded.wait_idle(timeout) if self._embedded else True
+
+    def close(self) -> None:
+        """Stop embedded workers and release connections."""
+        if self._embedded is not None:
+            self._embedded.stop()
+        if self._db is not None:
+            self._db.dispose()
+
+    # -- used by the broker-only start path --------------------------------------
+    def start_from_message(self, workflow_type: str, workflow_id: str, payload: Any) -> None:
+        """Start a run asked for over the broker; a repeat with the same id is a no-op."""
+        defn = self.registry.workflow(workflow_type)
+        value = validate_input(payload, defn.input_type) if defn.takes_input else None
+        data = (
+            to_payload(value, defn.input_type, limit=self.settings.max_payload_bytes)
+            if defn.takes_input
+            else None
+        )
+        engine = self.engine
+        with engine.sessions() as session:
+            try:
+                engine.start(
+                    session,
+                    defn,
+                    data,
+                    workflow_id=workflow_id,
+                    id_reuse_policy=IdReusePolicy.REJECT_DUPLICATE,
+                    id_conflict_policy=IdConflictPolicy.USE_EXISTING,
+                )
+            except WorkflowAlreadyStartedError:
+                # A redelivered request for a run that has already closed.
+                log.info("start request for %s already served", workflow_id)
+                return
+            session.commit()

@@ -1,0 +1,200 @@
+"""The Celery side: the app, its queues, the tasks, and the publisher that uses them.
+
+Settings follow what durable work on RabbitMQ needs: a message is acked only after
+its task ran (acks_late), requeued if the worker dies (reject on worker lost), one
+prefetched at a time, and every publish waits for the broker's confirm. Tasks are
+named after what they run, so Flower shows an activity by its name. Messages a
+worker cannot decode or accept are rejected into a dead-letter queue instead of
+being dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+from celery.exceptions import Reject
+from celery.worker.consumer import Consumer
+from kombu.entity import Exchange, Queue
+
+from orchestrator import messages
+from outbox.errors import PublishError
+from outbox.message import OutboxMessage
+
+if TYPE_CHECKING:
+    from orchestrator.app import Orchestrator
+
+log = logging.getLogger("orchestrator.celery")
+
+DEAD_LETTER_QUEUE = "orchestrator.dead-letter"
+
+
+class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
+    """A worker consumer that dead-letters undecodable messages instead of acking them."""
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        log.error("undecodable message sent to the dead-letter queue: %s", exc)
+        message.reject(requeue=False)
+
+
+def _queue(name: str, dead_letter_exchange: str) -> Queue:
+    return Queue(
+        name,
+        Exchange(name, type="direct", durable=True),
+        routing_key=name,
+        durable=True,
+        queue_arguments={"x-dead-letter-exchange": dead_letter_exchange},
+    )
+
+
+def dead_letter_queue(dead_letter_exchange: str) -> Queue:
+    return Queue(
+        DEAD_LETTER_QUEUE,
+        Exchange(dead_letter_exchange, type="fanout", durable=True),
+        durable=True,
+    )
+
+
+def queue_names(orchestrator: Orchestrator) -> list[str]:
+    """The workflow queue and every activity task queue, in a stable order."""
+    names = [orchestrator.settings.workflow_queue]
+    for defn in orchestrator.registry.activities.values():
+        if defn.task_queue not in names:
+            names.append(defn.task_queue)
+    return names
+
+
+def create_celery(orchestrator: Orchestrator) -> Celery:
+    """The Celery app of ``orchestrator``: its queues and one task per workflow/activity type."""
+    settings = orchestrator.settings
+    broker = "memory://" if settings.embedded else settings.broker_url
+    app = Celery("orchestrator", broker=broker, set_as_current=False)
+    dlx = settings.dead_letter_exchange
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"confirm_publish": True},
+        broker_connection_retry_on_startup=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_queues=[_queue(name, dlx) for name in queue_names(orchestrator)],
+        task_default_queue=settings.workflow_queue,
+        task_create_missing_queues=False,
+        worker_consumer="orchestrator.celery_app:DeadLetteringConsumer",
+        worker_hijack_root_logger=False,
+        event_queue_exclusive=True,
+        control_queue_exclusive=True,
+    )
+
+    @app.task(name=messages.WORKFLOW_TASK, shared=False)  # type: ignore[untyped-decorator]
+    def workflow_task(run_id: Any = None, **extra: Any) -> None:
+        if not isinstance(run_id, str) or extra:
+            raise Reject(f"malformed workflow task: run_id={run_id!r} {extra}", requeue=False)
+        orchestrator.engine.workflow_task(run_id)
+
+    @app.task(name=messages.START_WORKFLOW, shared=False)  # type: ignore[untyped-decorator]
+    def start_workflow(
+        workflow_type: Any = None, workflow_id: Any = None, input: Any = None, **extra: Any
+    ) -> None:
+        if not isinstance(workflow_type, str) or not isinstance(workflow_id, str) or extra:
+            raise Reject("malformed start request", requeue=False)
+        orchestrator.start_from_message(workflow_type, workflow_id, input)
+
+    for defn in orchestrator.registry.activities.values():
+        _register_activity(app, orchestrator, defn.name, defn.task_queue)
+    return app
+
+
+def _register_activity(app: Celery, orchestrator: Orchestrator, name: str, queue: str) -> None:
+    def run_activity(
+        run_id: Any = None, activity_id: Any = None, attempt: Any = None, **extra: Any
+    ) -> None:
+        if (
+            not isinstance(run_id, str)
+            or not isinstance(activity_id, str)
+            or not isinstance(attempt, int)
+            or extra
+        ):
+            raise Reject(f"malformed activity task for {name}", requeue=False)
+        orchestrator.engine.activity_task(run_id, activity_id, attempt)
+
+    run_activity.__name__ = name.replace(".", "_")
+    app.task(name=name, queue=queue, shared=False)(run_activity)
+
+
+class CeleryPublisher:
+    """Publishes outbox task messages as Celery task messages, with publisher confirms."""
+
+    def __init__(self, app: Celery, *, dead_letter_exchange: str) -> None:
+        self.app = app
+        self._dead_letter_exchange = dead_letter_exchange
+        self._declared = False
+
+    def _declare_dead_letter_queue(self, producer: Any) -> None:
+        # The queues name this exchange; it must exist before anything is rejected.
+        if not self._declared:
+            dead_letter_queue(self._dead_letter_exchange).bind(producer.channel).declare()
+            self._declared = True
+
+    def publish(self, messages_: Sequence[OutboxMessage]) -> None:
+        try:
+            with self.app.producer_or_acquire() as producer:
+                self._declare_dead_letter_queue(producer)
+                for message in messages_:
+                    if message.kind != "task":
+                        raise PublishError(f"cannot publish {message.kind} {message.id} as a task")
+                    self.app.send_task(
+                        message.destination,
+                        kwargs=message.body,
+                        task_id=message.id,
+                        queue=message.queue,
+                        headers=dict(message.headers),
+                        producer=producer,
+                        retry=True,
+                        retry_policy={"max_retries": 3, "interval_start": 0.2},
+                    )
+        except PublishError:
+            raise
+        except Exception as exc:
+            raise PublishError(f"publish failed: {exc}") from exc
+
+
+def send_start_request(
+    broker_url: str,
+    workflow_type: str,
+    workflow_id: str,
+    payload: Any,
+    *,
+    queue: str = "workflows",
+    dead_letter_exchange: str = "orchestrator.dead-letter",
+) -> None:
+    """Ask the orchestrator's workers to start a workflow, over the broker only.
+
+    For applications that share the broker but not the database. The start is
+    de-duplicated by workflow id: sending the same request twice starts one run.
+    The input is validated by the worker; a request it refuses goes to the
+    dead-letter queue.
+    """
+    app = Celery("orchestrator-client", broker=broker_url, set_as_current=False)
+    app.conf.update(
+        broker_transport_options={"confirm_publish": True},
+        task_queues=[_queue(queue, dead_letter_exchange)],
+        task_create_missing_queues=False,
+    )
+    try:
+        app.send_task(
+            messages.START_WORKFLOW,
+            kwargs=messages.start_request(workflow_type, workflow_id, payload),
+            task_id=f"start-{workflow_id}",
+            queue=queue,
+        )
+    except Exception as exc:
+        raise PublishError(f"could not send the start request: {exc}") from exc
+    finally:
+        app.close()

@@ -1,0 +1,42 @@
+"""Run statuses and the policies a start can choose."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RunStatus(StrEnum):
+    """Where a run is. Every status but RUNNING is final."""
+
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    COMPENSATED = "COMPENSATED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_closed(self) -> bool:
+        return self is not RunStatus.RUNNING
+
+
+class IdReusePolicy(StrEnum):
+    """May a new run take a workflow id that a *closed* run already used?
+
+    ``ALLOW_DUPLICATE`` (the default) always may; ``ALLOW_DUPLICATE_FAILED_ONLY``
+    only if the last run did not complete; ``REJECT_DUPLICATE`` never.
+    """
+
+    ALLOW_DUPLICATE = "ALLOW_DUPLICATE"
+    ALLOW_DUPLICATE_FAILED_ONLY = "ALLOW_DUPLICATE_FAILED_ONLY"
+    REJECT_DUPLICATE = "REJECT_DUPLICATE"
+
+
+class IdConflictPolicy(StrEnum):
+    """What a start does when a run with the same workflow id is still *open*.
+
+    ``FAIL`` (the default) raises WorkflowAlreadyStartedError; ``USE_EXISTING``
+    returns the open run's handle, which makes a start idempotent.
+    """
+
+    FAIL = "FAIL"
+    USE_EXISTING = "USE_EXISTING"

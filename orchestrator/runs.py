@@ -1,0 +1,160 @@
+"""Reading and writing one run under its lock: the row, its history, its cache.
+
+Every transition of a run takes the run row's lock first (SELECT ... FOR UPDATE;
+BEGIN IMMEDIATE on SQLite), so history sequence numbers never race and lock order
+is always run row first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from orchestrator.db import as_utc
+from orchestrator.history import HistoryEvent, RecordedEvent, load_event
+from orchestrator.instance import WorkflowInstance
+from orchestrator.policies import RunStatus
+from orchestrator.schema import workflow_events, workflow_runs
+
+
+@dataclass
+class LockedRun:
+    """A run row held under lock, and the events this transaction appends to it."""
+
+    run_id: str
+    workflow_id: str
+    workflow_type: str
+    status: RunStatus
+    history_length: int
+    processed_seq: int
+    cancel_requested: bool
+    changes: dict[str, Any] = field(default_factory=dict)
+    appended: list[tuple[int, HistoryEvent]] = field(default_factory=list)
+
+    @property
+    def is_open(self) -> bool:
+        return not self.status.is_closed
+
+    def append(self, event: HistoryEvent) -> int:
+        self.history_length += 1
+        self.appended.append((self.history_length, event))
+        return self.history_length
+
+
+def lock_run(session: Session, run_id: str, *, skip_locked: bool = False) -> LockedRun | None:
+    """Lock and load a run, or None if it does not exist (or is busy, with skip_locked)."""
+    row = (
+        session.execute(
+            select(
+                workflow_runs.c.run_id,
+                workflow_runs.c.workflow_id,
+                workflow_runs.c.workflow_type,
+                workflow_runs.c.status,
+                workflow_runs.c.history_length,
+                workflow_runs.c.processed_seq,
+                workflow_runs.c.cancel_requested,
+            )
+            .where(workflow_runs.c.run_id == run_id)
+            .with_for_update(skip_locked=skip_locked)
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        return None
+    return LockedRun(
+        run_id=row["run_id"],
+        workflow_id=row["workflow_id"],
+        workflow_type=row["workflow_type"],
+        status=RunStatus(row["status"]),
+        history_length=row["history_length"],
+        processed_seq=row["processed_seq"],
+        cancel_requested=bool(row["cancel_requested"]),
+    )
+
+
+def save_run(session: Session, run: LockedRun, now: datetime) -> None:
+    """Write the appended events and the row's changes (still inside the lock)."""
+    if run.appended:
+        session.execute(
+            insert(workflow_events),
+            [
+                {
+                    "run_id": run.run_id,
+                    "seq": seq,
+                    "event_type": event.TYPE,
+                    "attributes": event.model_dump(mode="json"),
+                    "created_at": now,
+                }
+                for seq, event in run.appended
+            ],
+        )
+    values = dict(run.changes)
+    values["history_length"] = run.history_length
+    values["updated_at"] = now
+    session.execute(
+        update(workflow_runs).where(workflow_runs.c.run_id == run.run_id).values(**values)
+    )
+    run.appended.clear()
+    run.changes.clear()
+
+
+def load_history(session: Session, run_id: str, *, after: int = 0) -> list[RecordedEvent]:
+    rows = session.execute(
+        select(
+            workflow_events.c.seq,
+            workflow_events.c.event_type,
+            workflow_events.c.attributes,
+            workflow_events.c.created_at,
+        )
+        .where(workflow_events.c.run_id == run_id, workflow_events.c.seq > after)
+        .order_by(workflow_events.c.seq)
+    ).all()
+    return [
+        RecordedEvent(
+            seq=seq,
+            created_at=as_utc(created_at),
+            event=load_event(event_type, attributes),
+        )
+        for seq, event_type, attributes, created_at in rows
+    ]
+
+
+class InstanceCache:
+    """Workflow instances kept between tasks, so a step applies only the new events.
+
+    An entry is valid whatever happened since: the history is append-only, so an
+    instance that has applied events 1..n only needs n+1.. to catch up. Entries are
+    taken out while in use and put back only after a commit.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[str, WorkflowInstance] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, run_id: str) -> WorkflowInstance | None:
+        with self._lock:
+            return self._items.pop(run_id, None)
+
+    def put(self, instance: WorkflowInstance) -> None:
+        if self._size == 0 or instance.closed:
+            instance.close()
+            return
+        with self._lock:
+            self._items[instance.run_id] = instance
+            self._items.move_to_end(instance.run_id)
+            evicted = []
+            while len(self._items) > self._size:
+                evicted.append(self._items.popitem(last=False)[1])
+        for old in evicted:
+            old.close()
+
+    def __len__(self) -> int:
+        return len(self._items)

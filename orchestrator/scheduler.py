@@ -1,0 +1,32 @@
+"""The scheduler loop: fires durable timers and enforces activity deadlines."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from orchestrator.engine import Engine
+
+log = logging.getLogger("orchestrator.scheduler")
+
+
+def run_scheduler(engine: Engine, stop: threading.Event, *, poll: float) -> None:
+    """Scan until ``stop`` is set. Several schedulers may run at once.
+
+    A database outage is logged and waited out with growing pauses (up to 30 s);
+    the loop never dies of it, so timers resume when the database is back.
+    """
+    backoff = poll
+    while not stop.is_set():
+        try:
+            fired = engine.fire_due()
+            backoff = poll
+        except Exception as exc:
+            log.warning("scheduler scan failed (%s); retrying in %.1fs", exc, backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 30.0)
+            continue
+        if fired:
+            log.debug("scheduler fired %d timers/deadlines", fired)
+            continue
+        stop.wait(poll)

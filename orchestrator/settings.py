@@ -1,0 +1,64 @@
+"""One settings object, read from ``ORCHESTRATOR_*`` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_BROKER = "embedded://"
+
+
+class Settings(BaseSettings):
+    """Configuration of every orchestrator process.
+
+    Each field is read from the environment variable ``ORCHESTRATOR_<FIELD>``. With
+    nothing set, the orchestrator runs embedded: SQLite in ``./orchestrator.db`` and
+    an in-process broker, so it needs no services.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", frozen=True, extra="ignore")
+
+    database_url: str = Field(
+        default="sqlite:///orchestrator.db",
+        description="SQLAlchemy URL of the state store (PostgreSQL in production).",
+    )
+    broker_url: str = Field(
+        default=EMBEDDED_BROKER,
+        description="Celery broker URL (amqp://...); embedded:// runs everything in-process.",
+    )
+    app: str | None = Field(
+        default=None,
+        description="module:attribute of the Orchestrator the CLI and workers load.",
+    )
+    workflow_queue: str = Field(default="workflows", description="Queue of workflow tasks.")
+    dead_letter_exchange: str = Field(
+        default="orchestrator.dead-letter",
+        description="Exchange that receives messages a worker rejects as malformed.",
+    )
+    relay_grace_seconds: float = Field(
+        default=2.0, ge=0, description="Age before the relay takes a row from the publisher."
+    )
+    relay_poll_seconds: float = Field(default=5.0, gt=0, description="Relay safety poll.")
+    scheduler_poll_seconds: float = Field(
+        default=0.5, gt=0, description="How often timers and deadlines are scanned."
+    )
+    max_payload_bytes: int = Field(
+        default=2 * 1024 * 1024, gt=0, description="Largest input, result or error payload."
+    )
+    default_start_to_close_seconds: float = Field(
+        default=60.0, gt=0, description="Start-to-close timeout of activities that set none."
+    )
+    fast_path: bool = Field(
+        default=True,
+        description="Advance the workflow in the activity's completion transaction.",
+    )
+    instance_cache_size: int = Field(
+        default=1000, ge=0, description="Workflow instances a worker keeps between tasks."
+    )
+    log_level: str = Field(default="INFO", description="Log level of orchestrator processes.")
+    log_json: bool = Field(default=False, description="Write logs as JSON lines.")
+
+    @property
+    def embedded(self) -> bool:
+        """True when the broker is the in-process one."""
+        return self.broker_url == EMBEDDED_BROKER

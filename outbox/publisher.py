@@ -1,0 +1,65 @@
+"""What the outbox needs from a broker, and an in-memory stand-in."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+from outbox.errors import PublishError
+from outbox.message import OutboxMessage
+
+
+class Publisher(Protocol):
+    """Sends outbox messages to the broker."""
+
+    def publish(self, messages: Sequence[OutboxMessage]) -> None:
+        """Send ``messages`` and return only once the broker confirmed every one.
+
+        Raises:
+            PublishError: if any message was not confirmed. Some of them may
+                still have reached the broker; the outbox sends them again and
+                consumers drop the duplicates by message id.
+        """
+        ...
+
+
+class RecordingPublisher:
+    """A :class:`Publisher` that keeps messages in memory instead of sending them.
+
+    Used by tests and by the embedded single-process mode. Safe to share
+    between threads.
+
+    Attributes:
+        published: Every message accepted so far, in publish order.
+        fail: When true, :meth:`publish` raises :class:`PublishError` and
+            records nothing. Defaults to ``False``.
+    """
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.published: list[OutboxMessage] = []
+        self.fail = fail
+        self._changed = threading.Condition()
+
+    def publish(self, messages: Sequence[OutboxMessage]) -> None:
+        """Record ``messages``, or raise :class:`PublishError` if :attr:`fail` is set."""
+        with self._changed:
+            if self.fail:
+                raise PublishError(f"refusing to publish {len(messages)} message(s)")
+            self.published.extend(messages)
+            self._changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """Block until at least ``count`` messages were published or ``timeout`` seconds pass.
+
+        Returns whether ``count`` was reached.
+        """
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(self.published) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+            return True

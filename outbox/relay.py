@@ -1,0 +1,328 @@
+"""Publishes outbox rows that the post-commit path did not get through."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.engine import RowMapping
+
+from outbox.crashpoints import crash_point
+from outbox.errors import PublishError
+from outbox.message import OutboxMessage
+from outbox.publisher import Publisher
+from outbox.schema import NOTIFY_CHANNEL, outbox_messages
+
+if TYPE_CHECKING:
+    import psycopg
+
+_log = logging.getLogger("outbox.relay")
+
+_MIN_BACKOFF = 0.5
+_MAX_BACKOFF = 30.0
+# How long a blocked wait goes without looking at the stop event.
+_STOP_CHECK = 0.5
+# Sleeping exactly until a row's eligibility would race the clock and wake just short.
+_WAKE_SLACK = 0.01
+_PROGRESS_LOG_INTERVAL = 60.0
+_MAX_ERROR_LENGTH = 2000
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _as_utc(value: datetime) -> datetime:
+    # Databases without time zone support hand back naive values; they were written in UTC.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _to_message(row: RowMapping) -> OutboxMessage:
+    return OutboxMessage(
+        id=row["id"],
+        kind=row["kind"],
+        destination=row["destination"],
+        queue=row["queue"],
+        aggregate_id=row["aggregate_id"],
+        body=row["body"],
+        headers=row["headers"],
+    )
+
+
+class _Listener:
+    """A dedicated autocommit connection subscribed to :data:`NOTIFY_CHANNEL`."""
+
+    def __init__(self, engine: Engine) -> None:
+        import psycopg
+        from psycopg import sql
+
+        raw = engine.raw_connection()
+        # Detached, the connection keeps the engine's connect arguments and hooks
+        # but no longer occupies a pool slot for the relay's whole lifetime.
+        raw.detach()
+        driver = raw.driver_connection
+        if not isinstance(driver, psycopg.Connection):  # pragma: no cover - guarded by caller
+            raw.close()
+            raise TypeError("listening needs a psycopg connection")
+        self._conn: psycopg.Connection[Any] = driver
+        try:
+            self._conn.rollback()
+            self._conn.autocommit = True
+            self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+        except BaseException:
+            self.close()
+            raise
+
+    def wait(self, timeout: float, stop: threading.Event) -> bool:
+        """Wait up to ``timeout`` seconds for a notification; return whether one came."""
+        deadline = time.monotonic() + timeout
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            for _ in self._conn.notifies(timeout=min(remaining, _STOP_CHECK), stop_after=1):
+                self.discard()
+                return True
+        return False
+
+    def discard(self) -> None:
+        """Drop notifications already received; the next table read covers them."""
+        for _ in self._conn.notifies(timeout=0):
+            pass
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except Exception:  # pragma: no cover - closing a broken connection
+            _log.debug("closing the listening connection failed", exc_info=True)
+
+
+class Relay:
+    """Publishes unpublished outbox rows in ``seq`` order, safely from several processes.
+
+    Rows are claimed with ``FOR UPDATE SKIP LOCKED``, so concurrent relays on
+    PostgreSQL never publish the same row at the same time. SQLite has no row
+    locks: run a single relay there.
+
+    Args:
+        engine: Engine of the database holding the outbox table.
+        publisher: Where messages go.
+        batch_size: Most rows claimed and published per transaction. Defaults to 100.
+        grace: Seconds a fresh row is left to the post-commit publisher before
+            the relay takes it, so the normal path does not publish twice.
+            Defaults to 2.0.
+        poll_interval: Seconds :meth:`run` waits between reads when nothing
+            wakes it earlier; on PostgreSQL notifications wake it, so this is
+            only a safety net. Defaults to 5.0.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        publisher: Publisher,
+        *,
+        batch_size: int = 100,
+        grace: float = 2.0,
+        poll_interval: float = 5.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if grace < 0:
+            raise ValueError("grace must not be negative")
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be positive")
+        self.engine = engine
+        self.publisher = publisher
+        self.batch_size = batch_size
+        self.grace = grace
+        self.poll_interval = poll_interval
+
+    def run_once(self) -> int:
+        """Claim, publish and mark one batch of eligible rows; return how many were published.
+
+        A :class:`PublishError` is recorded on the claimed rows (attempt count
+        and last error), logged, and reported as 0; it is not raised.
+        """
+        published, _ = self._relay_batch()
+        return published
+
+    def backlog(self) -> tuple[int, float | None]:
+        """Return the number of unpublished rows and the age in seconds of the oldest.
+
+        The age is ``None`` when nothing is waiting.
+        """
+        table = outbox_messages
+        with self.engine.connect() as conn:
+            count, oldest = conn.execute(
+                select(func.count(), func.min(table.c.created_at)).where(
+                    table.c.published_at.is_(None)
+                )
+            ).one()
+        if oldest is None:
+            return int(count), None
+        return int(count), max(0.0, (_now() - _as_utc(oldest)).total_seconds())
+
+    def run(self, stop: threading.Event) -> None:
+        """Relay until ``stop`` is set.
+
+        On PostgreSQL with the psycopg driver, inserts wake the relay through
+        ``LISTEN``/``NOTIFY``; elsewhere it polls every ``poll_interval``
+        seconds. Database and broker failures are logged and retried with
+        growing pauses, so the relay outlives restarts of either.
+        """
+        listen = (
+            self.engine.dialect.name == "postgresql" and self.engine.dialect.driver == "psycopg"
+        )
+        _log.info(
+            "outbox relay started (%s, batch of %d, grace %.1fs)",
+            "listening for notifications" if listen else f"polling every {self.poll_interval}s",
+            self.batch_size,
+            self.grace,
+        )
+        listener: _Listener | None = None
+        backoff = 0.0
+        relayed = 0
+        last_report = time.monotonic()
+        try:
+            while not stop.is_set():
+                try:
+                    if listen and listener is None:
+                        listener = _Listener(self.engine)
+                    # Subscribing before reading means an insert committed after
+                    # the read still leaves a notification to wake the wait.
+                    published, failed = self._drain(stop)
+                    relayed += published
+                    if failed:
+                        backoff = self._next_backoff(backoff)
+                        stop.wait(backoff)
+                        continue
+                    if backoff:
+                        _log.info("outbox relay recovered")
+                        backoff = 0.0
+                    if relayed and time.monotonic() - last_report >= _PROGRESS_LOG_INTERVAL:
+                        _log.info(
+                            "relayed %d outbox message(s) in the last %.0fs",
+                            relayed,
+                            time.monotonic() - last_report,
+                        )
+                        relayed = 0
+                        last_report = time.monotonic()
+                    self._wait(listener, stop)
+                except Exception as exc:
+                    # Anything here (mostly a lost database connection) must not
+                    # end the relay: rows would pile up with nobody to send them.
+                    if listener is not None:
+                        listener.close()
+                        listener = None
+                    backoff = self._next_backoff(backoff)
+                    _log.warning(
+                        "outbox relay failed, retrying in %.1fs: %s",
+                        backoff,
+                        exc,
+                        exc_info=_log.isEnabledFor(logging.DEBUG),
+                    )
+                    stop.wait(backoff)
+        finally:
+            if listener is not None:
+                listener.close()
+            _log.info("outbox relay stopped")
+
+    def _next_backoff(self, current: float) -> float:
+        ceiling = max(_MIN_BACKOFF, min(_MAX_BACKOFF, self.poll_interval))
+        return min(ceiling, max(_MIN_BACKOFF, current * 2))
+
+    def _drain(self, stop: threading.Event) -> tuple[int, bool]:
+        total = 0
+        while not stop.is_set():
+            published, failed = self._relay_batch()
+            total += published
+            if failed:
+                return total, True
+            # A short batch means the eligible rows are gone or held by another relay.
+            if published < self.batch_size:
+                break
+        return total, False
+
+    def _wait(self, listener: _Listener | None, stop: threading.Event) -> None:
+        delay = self._until_next_eligible()
+        if delay is not None:
+            # Notifications can only announce rows younger than the one waited
+            # for, which become eligible later; waking for them would be wasted.
+            stop.wait(min(delay + _WAKE_SLACK, self.poll_interval))
+            if listener is not None:
+                listener.discard()
+        elif listener is not None:
+            listener.wait(self.poll_interval, stop)
+        else:
+            stop.wait(self.poll_interval)
+
+    def _until_next_eligible(self) -> float | None:
+        """Seconds until the oldest row still inside its grace period becomes eligible."""
+        if self.grace <= 0:
+            return None
+        table = outbox_messages
+        cutoff = _now() - timedelta(seconds=self.grace)
+        with self.engine.connect() as conn:
+            oldest = conn.execute(
+                select(func.min(table.c.created_at)).where(
+                    table.c.published_at.is_(None), table.c.created_at > cutoff
+                )
+            ).scalar()
+        if oldest is None:
+            return None
+        return max(0.0, (_as_utc(oldest) - cutoff).total_seconds())
+
+    def _relay_batch(self) -> tuple[int, bool]:
+        """Relay one batch; return the number published and whether publishing failed."""
+        table = outbox_messages
+        cutoff = _now() - timedelta(seconds=self.grace)
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(
+                    table.c.seq,
+                    table.c.id,
+                    table.c.kind,
+                    table.c.destination,
+                    table.c.queue,
+                    table.c.aggregate_id,
+                    table.c.body,
+                    table.c.headers,
+                )
+                .where(table.c.published_at.is_(None), table.c.created_at <= cutoff)
+                .order_by(table.c.seq)
+                .limit(self.batch_size)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return 0, False
+            crash_point("relay.after_claim")
+            seqs = [row.seq for row in rows]
+            try:
+                self.publisher.publish([_to_message(row._mapping) for row in rows])
+            except PublishError as exc:
+                conn.execute(
+                    update(table)
+                    .where(table.c.seq.in_(seqs))
+                    .values(
+                        publish_attempts=table.c.publish_attempts + 1,
+                        last_error=str(exc)[:_MAX_ERROR_LENGTH],
+                    )
+                )
+                _log.warning("publishing %d outbox message(s) failed: %s", len(rows), exc)
+                return 0, True
+            crash_point("relay.after_publish")
+            conn.execute(
+                update(table)
+                .where(table.c.seq.in_(seqs))
+                .values(
+                    published_at=_now(),
+                    publish_attempts=table.c.publish_attempts + 1,
+                    last_error=None,
+                )
+            )
+        _log.debug("relayed %d outbox message(s)", len(rows))
+        return len(rows), False

@@ -1,0 +1,182 @@
+"""Records outbox messages in the caller's transaction and publishes them after commit."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, event, insert, update
+from sqlalchemy.orm import Session, SessionTransaction
+
+from outbox.crashpoints import crash_point
+from outbox.errors import PublishError
+from outbox.message import OutboxMessage
+from outbox.publisher import Publisher
+from outbox.schema import outbox_messages
+
+_log = logging.getLogger("outbox")
+
+# Each row binds about ten parameters; PostgreSQL caps a statement at 65535.
+_INSERT_CHUNK = 1000
+_UPDATE_CHUNK = 1000
+
+_T = TypeVar("_T")
+
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass(frozen=True)
+class _Pending:
+    message: OutboxMessage
+    # The innermost (possibly savepoint) transaction the row was inserted in, so
+    # rolling back a savepoint forgets exactly the messages it undid.
+    transaction: SessionTransaction
+
+
+def _within(transaction: SessionTransaction | None, ancestor: SessionTransaction) -> bool:
+    while transaction is not None:
+        if transaction is ancestor:
+            return True
+        transaction = transaction.parent
+    return False
+
+
+class OutboxWriter:
+    """Writes outbox rows through the caller's session and publishes them once committed.
+
+    Rows share the fate of the caller's transaction. After the outermost commit,
+    the messages are published at once from the committing thread and then
+    marked published; anything that fails on that path (a crash, a broker
+    outage) stays unpublished in the table, where the relay picks it up.
+
+    Args:
+        engine: Engine used for the short transaction that marks rows published.
+        publisher: Where messages go after commit.
+        publish_after_commit: Whether to publish right after commit. When
+            ``False`` only the relay publishes. Defaults to ``True``.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        publisher: Publisher,
+        *,
+        publish_after_commit: bool = True,
+    ) -> None:
+        self.engine = engine
+        self.publisher = publisher
+        self.publish_after_commit = publish_after_commit
+
+    def add(self, session: Session, messages: Iterable[OutboxMessage]) -> None:
+        """Insert ``messages`` in ``session``'s current transaction.
+
+        They are published after that transaction commits and forgotten if it
+        (or the savepoint they were added in) rolls back.
+        """
+        batch = list(messages)
+        if not batch:
+            return
+        now = datetime.now(UTC)
+        rows: list[dict[str, Any]] = [
+            {
+                "id": message.id,
+                "kind": message.kind,
+                "destination": message.destination,
+                "queue": message.queue,
+                "aggregate_id": message.aggregate_id,
+                "body": message.body,
+                "headers": message.headers,
+                "created_at": now,
+                "publish_attempts": 0,
+            }
+            for message in batch
+        ]
+        for chunk in _chunks(rows, _INSERT_CHUNK):
+            session.execute(insert(outbox_messages).values(list(chunk)))
+        if not self.publish_after_commit:
+            return
+        transaction = session.get_nested_transaction() or session.get_transaction()
+        if transaction is None:  # pragma: no cover - execute() always begins one
+            raise RuntimeError("session has no transaction after an insert")
+        pending: list[_Pending] | None = session.info.get(self)
+        if pending is None:
+            pending = []
+            session.info[self] = pending
+            self._listen(session)
+        pending.extend(_Pending(message, transaction) for message in batch)
+
+    def _listen(self, session: Session) -> None:
+        event.listen(session, "after_commit", self._after_commit)
+        event.listen(session, "after_soft_rollback", self._after_soft_rollback)
+        event.listen(session, "after_transaction_end", self._after_transaction_end)
+
+    def _after_commit(self, session: Session) -> None:
+        # Releasing a savepoint also reports a commit; only the outermost one
+        # makes the rows visible to the world.
+        if session.in_nested_transaction():
+            return
+        pending: list[_Pending] | None = session.info.get(self)
+        if not pending:
+            return
+        messages = [item.message for item in pending]
+        pending.clear()
+        crash_point("outbox.after_commit")
+        # The caller's commit already succeeded; raising from here would make it
+        # look failed, so every problem is logged and left to the relay.
+        try:
+            self.publisher.publish(messages)
+        except PublishError as exc:
+            _log.warning(
+                "publishing %d outbox message(s) after commit failed, the relay will retry: %s",
+                len(messages),
+                exc,
+            )
+            return
+        except Exception:
+            _log.exception(
+                "publishing %d outbox message(s) after commit failed, the relay will retry",
+                len(messages),
+            )
+            return
+        crash_point("outbox.after_publish")
+        try:
+            self._mark_published([message.id for message in messages])
+        except Exception:
+            _log.exception(
+                "marking %d published outbox message(s) failed, the relay will send them again",
+                len(messages),
+            )
+
+    def _after_soft_rollback(
+        self, session: Session, previous_transaction: SessionTransaction
+    ) -> None:
+        pending: list[_Pending] | None = session.info.get(self)
+        if pending:
+            pending[:] = [
+                item for item in pending if not _within(item.transaction, previous_transaction)
+            ]
+
+    def _after_transaction_end(self, session: Session, transaction: SessionTransaction) -> None:
+        # Closing a session discards its transaction without a rollback event;
+        # clearing here keeps those messages from riding along with a later commit.
+        if transaction.parent is None:
+            pending: list[_Pending] | None = session.info.get(self)
+            if pending:
+                pending.clear()
+
+    def _mark_published(self, ids: Sequence[str]) -> None:
+        table = outbox_messages
+        now = datetime.now(UTC)
+        with self.engine.begin() as conn:
+            for chunk in _chunks(ids, _UPDATE_CHUNK):
+                conn.execute(
+                    update(table)
+                    .where(table.c.id.in_(chunk))
+                    .values(published_at=now, publish_attempts=table.c.publish_attempts + 1)
+                )

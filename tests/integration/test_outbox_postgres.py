@@ -1,0 +1,313 @@
+"""Outbox writer and relay against a real PostgreSQL.
+
+Each module run works in a schema of its own, so it can share the database
+with other tests running at the same time.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy.orm import Session
+
+from outbox import (
+    NOTIFY_CHANNEL,
+    OutboxMessage,
+    OutboxWriter,
+    RecordingPublisher,
+    Relay,
+    metadata,
+    outbox_messages,
+)
+from outbox.schema import postgres_notify_ddl, postgres_notify_drop_ddl
+
+pytestmark = pytest.mark.integration
+
+DATABASE_URL = os.environ.get(
+    "ORCHESTRATOR_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+SUFFIX = uuid.uuid4().hex[:12]
+SCHEMA = f"outbox_test_{SUFFIX}"
+# Lets a test find (and kill) exactly the relay's own server connections.
+RELAY_APPLICATION = f"outbox_relay_{SUFFIX}"
+
+
+def schema_engine(application_name: str) -> Engine:
+    return create_engine(
+        DATABASE_URL,
+        connect_args={
+            "options": f"-csearch_path={SCHEMA}",
+            "application_name": application_name,
+        },
+    )
+
+
+def install_trigger(engine: Engine) -> None:
+    with engine.begin() as conn:
+        for statement in postgres_notify_ddl():
+            conn.execute(text(statement))
+
+
+def drop_trigger(engine: Engine) -> None:
+    with engine.begin() as conn:
+        for statement in postgres_notify_drop_ddl():
+            conn.execute(text(statement))
+
+
+@pytest.fixture(scope="module")
+def admin() -> Iterator[Engine]:
+    engine = create_engine(DATABASE_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{SCHEMA}"'))
+    try:
+        yield engine
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE'))
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def engine(admin: Engine) -> Iterator[Engine]:
+    engine = schema_engine(f"outbox_test_{SUFFIX}")
+    metadata.create_all(engine, tables=[outbox_messages])
+    install_trigger(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def relay_engine(engine: Engine) -> Iterator[Engine]:
+    relay_engine = schema_engine(RELAY_APPLICATION)
+    yield relay_engine
+    relay_engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def empty_outbox(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(outbox_messages.delete())
+
+
+def task(n: int) -> OutboxMessage:
+    return OutboxMessage(kind="task", destination="demo.task", body={"n": n})
+
+
+def write(engine: Engine, messages: Sequence[OutboxMessage]) -> None:
+    """Commit ``messages`` without the post-commit publisher: only a relay sends them."""
+    writer = OutboxWriter(engine, RecordingPublisher(), publish_after_commit=False)
+    with Session(engine) as session:
+        writer.add(session, messages)
+        session.commit()
+
+
+def published_at(engine: Engine, message_id: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(outbox_messages.c.published_at).where(outbox_messages.c.id == message_id)
+        ).scalar_one()
+
+
+class SlowPublisher(RecordingPublisher):
+    """Holds each batch a moment, as a broker round trip would, to make relays overlap."""
+
+    def publish(self, messages: Sequence[OutboxMessage]) -> None:
+        time.sleep(0.005)
+        super().publish(messages)
+
+
+class RelayThread:
+    def __init__(self, relay: Relay) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=relay.run, args=(self.stop,), daemon=True)
+
+    def __enter__(self) -> RelayThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=15)
+        assert not self.thread.is_alive(), "the relay did not stop"
+
+
+def test_commit_publishes_once_and_marks_published(engine: Engine) -> None:
+    publisher = RecordingPublisher()
+    writer = OutboxWriter(engine, publisher)
+    message = OutboxMessage(
+        kind="event",
+        destination="order.created",
+        queue="events",
+        aggregate_id="wf-1",
+        body={"amount": 12.5, "items": ["a", "b"]},
+        headers={"trace": "t-1"},
+    )
+    with Session(engine) as session:
+        writer.add(session, [message])
+        session.commit()
+
+    assert publisher.published == [message]
+    assert published_at(engine, message.id) is not None
+    relay = Relay(engine, publisher, grace=0)
+    assert relay.run_once() == 0
+    assert relay.backlog() == (0, None)
+
+
+def test_concurrent_run_once_claims_disjoint_batches(engine: Engine) -> None:
+    messages = [task(n) for n in range(500)]
+    for start in range(0, 500, 100):
+        write(engine, messages[start : start + 100])
+
+    publishers = [SlowPublisher(), SlowPublisher()]
+    relays = [Relay(engine, publisher, batch_size=20, grace=0) for publisher in publishers]
+    barrier = threading.Barrier(len(relays))
+    errors: list[BaseException] = []
+
+    def drain(relay: Relay) -> None:
+        try:
+            barrier.wait()
+            misses = 0
+            # A relay may find nothing while the other holds the last rows.
+            while misses < 3:
+                misses = misses + 1 if relay.run_once() == 0 else 0
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drain, args=(relay,)) for relay in relays]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+
+    counts = collections.Counter(m.id for p in publishers for m in p.published)
+    assert set(counts) == {message.id for message in messages}
+    assert max(counts.values()) == 1, "a row was published twice"
+    assert all(publisher.published for publisher in publishers), "the relays did not overlap"
+    assert relays[0].backlog() == (0, None)
+
+
+def test_two_running_relays_publish_each_row_exactly_once(
+    engine: Engine, relay_engine: Engine
+) -> None:
+    messages = [task(n) for n in range(500)]
+    publishers = [SlowPublisher(), SlowPublisher()]
+    relays = [
+        Relay(relay_engine, publisher, batch_size=25, grace=0, poll_interval=1.0)
+        for publisher in publishers
+    ]
+    with RelayThread(relays[0]), RelayThread(relays[1]):
+        for start in range(0, 500, 10):
+            write(engine, messages[start : start + 10])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and relays[0].backlog()[0]:
+            time.sleep(0.05)
+        # Leave time for a duplicate to show up before counting.
+        time.sleep(0.5)
+
+    counts = collections.Counter(m.id for p in publishers for m in p.published)
+    assert set(counts) == {message.id for message in messages}
+    assert max(counts.values()) == 1, "a row was published twice"
+    assert relays[0].backlog() == (0, None)
+
+
+def test_notification_wakes_a_waiting_relay(engine: Engine, relay_engine: Engine) -> None:
+    publisher = RecordingPublisher()
+    relay = Relay(relay_engine, publisher, grace=0, poll_interval=30)
+    with RelayThread(relay):
+        first = task(1)
+        write(engine, [first])
+        # Once the first row is out, the relay has listened, read the table and
+        # gone to sleep for up to poll_interval: only a notification can wake it.
+        assert publisher.wait_for(1, timeout=10)
+
+        second = task(2)
+        started = time.monotonic()
+        write(engine, [second])
+        assert publisher.wait_for(2, timeout=5), "the insert did not wake the relay"
+        assert time.monotonic() - started < 5
+
+    assert [message.id for message in publisher.published] == [first.id, second.id]
+
+
+def test_relay_survives_losing_its_connections(
+    engine: Engine, relay_engine: Engine, admin: Engine
+) -> None:
+    publisher = RecordingPublisher()
+    relay = Relay(relay_engine, publisher, grace=0, poll_interval=30)
+    with RelayThread(relay):
+        write(engine, [task(1)])
+        assert publisher.wait_for(1, timeout=10)
+
+        # What a database restart looks like from the relay's side.
+        with admin.begin() as conn:
+            killed = conn.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = :name"
+                ),
+                {"name": RELAY_APPLICATION},
+            ).scalar_one()
+        assert killed >= 1
+
+        write(engine, [task(2)])
+        assert publisher.wait_for(2, timeout=20), "the relay did not reconnect"
+
+
+def trigger_objects(admin: Engine) -> tuple[int, int]:
+    with admin.connect() as conn:
+        triggers = conn.execute(
+            text(
+                "SELECT count(*) FROM pg_trigger t"
+                " JOIN pg_class c ON c.oid = t.tgrelid"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = :schema AND c.relname = 'outbox_messages'"
+                " AND NOT t.tgisinternal"
+            ),
+            {"schema": SCHEMA},
+        ).scalar_one()
+        functions = conn.execute(
+            text(
+                "SELECT count(*) FROM pg_proc p"
+                " JOIN pg_namespace n ON n.oid = p.pronamespace"
+                " WHERE n.nspname = :schema AND p.proname = 'outbox_messages_notify'"
+            ),
+            {"schema": SCHEMA},
+        ).scalar_one()
+    return int(triggers), int(functions)
+
+
+def test_trigger_ddl_installs_idempotently_and_drops_cleanly(
+    engine: Engine, admin: Engine
+) -> None:
+    assert trigger_objects(admin) == (1, 1)
+    install_trigger(engine)
+    assert trigger_objects(admin) == (1, 1)
+
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+        write(engine, [task(1)])
+        notes = list(listener.notifies(timeout=5, stop_after=1))
+        assert [note.channel for note in notes] == [NOTIFY_CHANNEL]
+
+    try:
+        drop_trigger(engine)
+        assert trigger_objects(admin) == (0, 0)
+        drop_trigger(engine)
+        assert trigger_objects(admin) == (0, 0)
+        # Without the trigger, inserts still work; only the wake-up is gone.
+        write(engine, [task(2)])
+    finally:
+        install_trigger(engine)
+    assert trigger_objects(admin) == (1, 1)
