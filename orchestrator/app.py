@@ -102,7 +102,11 @@ class Orchestrator:
                     registry=self.registry,
                     settings=self.settings,
                     db=self.db,
-                    outbox=OutboxWriter(self.db, self.publisher),
+                    outbox=OutboxWriter(
+                        self.db,
+                        self.publisher,
+                        publish_after_commit=self.settings.publish_after_commit,
+                    ),
                 )
             return self._engine
 

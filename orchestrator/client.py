@@ -103,7 +103,9 @@ class Client:
             raise TypeError(f"workflow {defn.name} takes no input")
         else:
             payload = None
-        workflow_id = _check_workflow_id(workflow_id or str(uuid.uuid4()))
+        workflow_id = _check_workflow_id(
+            str(uuid.uuid4()) if workflow_id is None else workflow_id
+        )
         engine = orchestrator.engine
         if session is not None:
             started = engine.start(

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     default_start_to_close_seconds: float = Field(
         default=60.0, gt=0, description="Start-to-close timeout of activities that set none."
     )
+    publish_after_commit: bool = Field(
+        default=True,
+        description="Publish messages right after their commit; off leaves all to the relay.",
+    )
     fast_path: bool = Field(
         default=True,
         description="Advance the workflow in the activity's completion transaction.",

@@ -61,10 +61,11 @@ class _Listener:
         from psycopg import sql
 
         raw = engine.raw_connection()
+        # Read before detaching: a detached connection no longer reports it.
+        driver = raw.driver_connection
         # Detached, the connection keeps the engine's connect arguments and hooks
         # but no longer occupies a pool slot for the relay's whole lifetime.
         raw.detach()
-        driver = raw.driver_connection
         if not isinstance(driver, psycopg.Connection):  # pragma: no cover - guarded by caller
             raw.close()
             raise TypeError("listening needs a psycopg connection")

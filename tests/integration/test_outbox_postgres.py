@@ -287,9 +287,7 @@ def trigger_objects(admin: Engine) -> tuple[int, int]:
     return int(triggers), int(functions)
 
 
-def test_trigger_ddl_installs_idempotently_and_drops_cleanly(
-    engine: Engine, admin: Engine
-) -> None:
+def test_trigger_ddl_installs_idempotently_and_drops_cleanly(engine: Engine, admin: Engine) -> None:
     assert trigger_objects(admin) == (1, 1)
     install_trigger(engine)
     assert trigger_objects(admin) == (1, 1)

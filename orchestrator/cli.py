@@ -1,0 +1,352 @@
+"""The ``orchestrator`` command: database, processes, and runs.
+
+Output is readable by default and JSON with ``--json``. A user's mistake (a bad
+flag, unknown workflow type, invalid input, a missing run) prints one line on
+stderr and exits 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, NoReturn, TextIO
+
+from pydantic import ValidationError
+
+from orchestrator.app import Orchestrator
+from orchestrator.client import RunDescription, WorkflowHandle
+from orchestrator.errors import ConfigurationError, ResultTimeoutError, WorkflowFailedError
+from orchestrator.history import RecordedEvent
+from orchestrator.logs import configure_logging
+from orchestrator.policies import IdConflictPolicy, IdReusePolicy
+from orchestrator.settings import Settings
+from outbox.errors import OrchestratorError
+
+EXIT_USAGE = 2
+
+
+class CliError(OrchestratorError):
+    """A mistake on the command line."""
+
+
+def load_app(ref: str | None, settings: Settings) -> Orchestrator:
+    """The Orchestrator named by ``module:attribute``, or an empty one for read-only commands."""
+    if not ref:
+        return Orchestrator(settings=settings)
+    module_name, _, attribute = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"cannot import application module {module_name!r}: {exc}"
+        ) from exc
+    target = getattr(module, attribute or "orchestrator", None)
+    if not isinstance(target, Orchestrator):
+        raise ConfigurationError(f"{ref!r} is not an Orchestrator")
+    return target
+
+
+# ----------------------------------------------------------------------------- output
+def _time(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def print_description(out: TextIO, run: RunDescription) -> None:
+    rows = [
+        ("workflow id", run.workflow_id),
+        ("run id", run.run_id),
+        ("type", run.workflow_type),
+        ("status", run.status.value + (" (cancel requested)" if run.cancel_requested else "")),
+        ("started", _time(run.created_at)),
+        ("closed", _time(run.closed_at)),
+        ("events", str(run.history_length)),
+    ]
+    if run.result is not None:
+        rows.append(("result", json.dumps(run.result)))
+    if run.failure is not None:
+        rows.append(("failure", f"{run.failure.type}: {run.failure.message}"))
+    if run.task_failure is not None:
+        rows.append(("task failure", f"{run.task_failure.type}: {run.task_failure.message}"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        out.write(f"{name.ljust(width)}  {value}\n")
+
+
+def event_summary(event: RecordedEvent) -> str:
+    attributes = event.event.model_dump(mode="json")
+    detail = attributes.get("activity_type") or ""
+    if attributes.get("is_compensation"):
+        detail += " (compensation)"
+    if "attempt" in attributes and event.event.TYPE != "ActivityScheduled":
+        detail += f" attempt {attributes['attempt']}"
+    failure = attributes.get("failure")
+    if isinstance(failure, dict):
+        detail += f"  {failure.get('type')}: {failure.get('message')}"
+    return detail.strip()
+
+
+def print_history(out: TextIO, history: Sequence[RecordedEvent]) -> None:
+    if not history:
+        out.write("(no events)\n")
+        return
+    start = history[0].created_at
+    for event in history:
+        offset = (event.created_at - start).total_seconds() * 1000
+        out.write(
+            f"{event.seq:>4}  +{offset:>8.0f} ms  {event.event.TYPE:<20} {event_summary(event)}\n"
+        )
+
+
+# ---------------------------------------------------------------------------- commands
+def _db(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
+    from orchestrator import migrate
+
+    url = settings.database_url
+    if args.db_command == "upgrade":
+        migrate.upgrade(url, args.revision)
+        revision = migrate.current_revision(url)
+        _emit(out, args, {"revision": revision}, f"database at revision {revision}\n")
+    else:
+        revision = migrate.current_revision(url)
+        head = migrate.head_revision()
+        _emit(
+            out,
+            args,
+            {"revision": revision, "head": head, "up_to_date": revision == head},
+            f"database at revision {revision or 'none'} (newest {head})\n",
+        )
+    return 0
+
+
+def _worker(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -> int:
+    from orchestrator.celery_app import queue_names
+
+    if orchestrator.settings.embedded:
+        raise ConfigurationError("a worker needs a broker: set ORCHESTRATOR_BROKER_URL")
+    queues = args.queues or ",".join(queue_names(orchestrator))
+    argv = ["worker", "-Q", queues, "--loglevel", args.loglevel, "-E"]
+    if args.concurrency:
+        argv += ["--concurrency", str(args.concurrency)]
+    if args.pool:
+        argv += ["--pool", args.pool]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    orchestrator.celery.worker_main(argv)
+    return 0
+
+
+def _until_signalled(run: Callable[[threading.Event], None]) -> int:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run(stop)
+    return 0
+
+
+def _start(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -> int:
+    try:
+        value = json.loads(args.input) if args.input is not None else None
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--input is not valid JSON: {exc}") from exc
+    client = orchestrator.client()
+    handle = client.start_workflow(
+        args.type,
+        value if args.input is not None else _no_input(),
+        workflow_id=args.id,
+        id_reuse_policy=IdReusePolicy(args.id_reuse_policy),
+        id_conflict_policy=IdConflictPolicy(args.id_conflict_policy),
+    )
+    if args.wait is not None:
+        return _wait(args, handle, out)
+    _emit(
+        out,
+        args,
+        {"workflow_id": handle.workflow_id, "run_id": handle.run_id},
+        f"started {handle.workflow_id} (run {handle.run_id})\n",
+    )
+    return 0
+
+
+def _no_input() -> Any:
+    from orchestrator.workflow import NO_ARG
+
+    return NO_ARG
+
+
+def _wait(args: argparse.Namespace, handle: WorkflowHandle, out: TextIO) -> int:
+    # The outcome is printed below either way; a timeout leaves the run RUNNING.
+    with contextlib.suppress(WorkflowFailedError, ResultTimeoutError):
+        handle.result(timeout=args.wait)
+    run = handle.describe()
+    if args.json:
+        out.write(json.dumps(run.to_json(), indent=2) + "\n")
+    else:
+        print_description(out, run)
+    return 0 if run.status.value == "COMPLETED" else 1
+
+
+def _show(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -> int:
+    handle = orchestrator.client().get_handle(args.workflow_id, args.run)
+    run = handle.describe()
+    if args.json:
+        out.write(json.dumps(run.to_json(), indent=2) + "\n")
+    else:
+        print_description(out, run)
+    return 0
+
+
+def _history(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -> int:
+    handle = orchestrator.client().get_handle(args.workflow_id, args.run)
+    history = handle.history()
+    if args.json:
+        document = {
+            "workflow_id": handle.workflow_id,
+            "run_id": handle.run_id,
+            "events": [event.to_json() for event in history],
+        }
+        out.write(json.dumps(document, indent=2) + "\n")
+    else:
+        print_history(out, history)
+    return 0
+
+
+def _cancel(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -> int:
+    handle = orchestrator.client().get_handle(args.workflow_id, args.run)
+    asked = handle.cancel(args.reason or "")
+    text = "cancellation requested" if asked else "cancellation was already requested"
+    _emit(
+        out,
+        args,
+        {"workflow_id": handle.workflow_id, "run_id": handle.run_id, "requested": asked},
+        f"{text} for {handle.workflow_id} (run {handle.run_id})\n",
+    )
+    return 0
+
+
+def _emit(out: TextIO, args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
+    out.write(json.dumps(data) + "\n" if args.json else text)
+
+
+# ------------------------------------------------------------------------------ parser
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="orchestrator", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--app",
+        help="module:attribute of your Orchestrator (default: $ORCHESTRATOR_APP)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    db = commands.add_parser("db", help="manage the database schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
+    upgrade = db_commands.add_parser("upgrade", help="migrate the schema to the newest revision")
+    upgrade.add_argument("--revision", default="head")
+    db_commands.add_parser("current", help="show the schema revision")
+
+    worker = commands.add_parser("worker", help="run a Celery worker for workflows and activities")
+    worker.add_argument("--queues", "-Q", help="comma-separated queues (default: all)")
+    worker.add_argument("--concurrency", "-c", type=int)
+    worker.add_argument("--pool", choices=["prefork", "solo", "threads"])
+    worker.add_argument("--hostname", "-n")
+    worker.add_argument("--loglevel", "-l", default="INFO")
+
+    commands.add_parser("relay", help="publish outbox messages a crash left behind")
+    commands.add_parser("scheduler", help="fire durable timers and activity deadlines")
+
+    start = commands.add_parser("start", help="start a workflow")
+    start.add_argument("type", help="workflow type name")
+    start.add_argument("--input", help="input as JSON")
+    start.add_argument("--id", help="workflow id (default: a random UUID)")
+    start.add_argument(
+        "--id-reuse-policy",
+        choices=[p.value for p in IdReusePolicy],
+        default=IdReusePolicy.ALLOW_DUPLICATE.value,
+    )
+    start.add_argument(
+        "--id-conflict-policy",
+        choices=[p.value for p in IdConflictPolicy],
+        default=IdConflictPolicy.FAIL.value,
+    )
+    start.add_argument(
+        "--wait", type=float, metavar="SECONDS", help="wait for the result this long"
+    )
+
+    for name, text in (
+        ("show", "describe a run"),
+        ("history", "print a run's event history"),
+        ("cancel", "ask a run to cancel (it compensates)"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("workflow_id")
+        sub.add_argument("--run", help="run id (default: the open or latest run)")
+        if name == "cancel":
+            sub.add_argument("--reason")
+
+    demo = commands.add_parser(
+        "demo", help="run the order saga twice (completed, compensated); no services needed"
+    )
+    demo.add_argument("--database-url", help="default: a temporary SQLite file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        return _fail(f"invalid ORCHESTRATOR_* setting: {exc.errors()[0]['loc']} {exc}")
+    configure_logging(
+        "WARNING"
+        if args.command in {"start", "show", "history", "cancel", "demo", "db"}
+        else settings.log_level,
+        as_json=settings.log_json,
+    )
+    try:
+        if args.command == "demo":
+            from examples.order_fulfillment.demo import run_demo
+
+            status: int = run_demo(out, database_url=args.database_url, as_json=args.json)
+            return status
+        if args.command == "db":
+            return _db(args, settings, out)
+        orchestrator = load_app(args.app or settings.app, settings)
+        if args.command == "worker":
+            return _worker(args, orchestrator, out)
+        if args.command == "relay":
+            return _until_signalled(orchestrator.relay().run)
+        if args.command == "scheduler":
+            return _until_signalled(orchestrator.run_scheduler)
+        handlers = {"start": _start, "show": _show, "history": _history, "cancel": _cancel}
+        try:
+            return handlers[args.command](args, orchestrator, out)
+        finally:
+            orchestrator.close()
+    except OrchestratorError as exc:
+        return _fail(str(exc))
+    except (TypeError, ValueError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"error: {message}\n")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The engine end to end in embedded mode: sagas, retries, timeouts, cancellation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sample_workflows import (
+    ALL_ACTIVITIES,
+    ALL_WORKFLOWS,
+    CALLS,
+    Broken,
+    FanOut,
+    Job,
+    Pipeline,
+    Sleeper,
+    UsesAsyncioSleep,
+    wait_for,
+)
+from sqlalchemy import func, select
+
+from orchestrator import RunStatus, WorkflowFailedError
+from orchestrator.schema import activity_tasks, timers
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture
+def client(make_orchestrator: Any) -> Any:
+    return make_orchestrator(ALL_WORKFLOWS, ALL_ACTIVITIES).client()
+
+
+def types_of(handle: Any) -> list[str]:
+    return [event.event.TYPE for event in handle.history()]
+
+
+def test_saga_completes_and_returns_typed_result(client: Any) -> None:
+    handle = client.start_workflow(Pipeline, [Job(name="a"), {"name": "b"}], workflow_id="p1")
+    assert handle.result(timeout=10) == ["a:done", "b:done"]
+    assert handle.describe().status is RunStatus.COMPLETED
+    assert types_of(handle) == [
+        "WorkflowStarted",
+        "ActivityScheduled",
+        "ActivityCompleted",
+        "ActivityScheduled",
+        "ActivityCompleted",
+        "WorkflowCompleted",
+    ]
+    assert "undo" not in CALLS.names()
+
+
+def test_failure_compensates_in_reverse_order_and_keeps_the_cause(client: Any) -> None:
+    jobs = [Job(name="a"), Job(name="b"), Job(name="c", fail_times=9, non_retryable=True)]
+    handle = client.start_workflow(Pipeline, jobs, workflow_id="p2")
+    with pytest.raises(WorkflowFailedError) as caught:
+        handle.result(timeout=10)
+    assert caught.value.status == "COMPENSATED"
+    assert caught.value.failure is not None
+    assert "c failed on attempt 1" in caught.value.failure.message
+    undone = [c["value"] for c in CALLS.seen if c["name"] == "undo"]
+    assert undone == ["c", "b", "a"]
+    scheduled = [
+        (e.event.activity_type, e.event.is_compensation)  # type: ignore[attr-defined]
+        for e in handle.history()
+        if e.event.TYPE == "ActivityScheduled"
+    ]
+    assert scheduled[-3:] == [("undo", True)] * 3
+    assert types_of(handle)[-1] == "WorkflowCompensated"
+    description = handle.describe()
+    assert description.status is RunStatus.COMPENSATED
+    assert description.failure is not None and "Flaky" in description.failure.message
+
+
+def test_retries_wait_in_durable_timers_and_keep_the_idempotency_key(
+    make_orchestrator: Any,
+) -> None:
+    orchestrator = make_orchestrator(ALL_WORKFLOWS, ALL_ACTIVITIES)
+    handle = orchestrator.client().start_workflow(
+        Pipeline, [Job(name="flaky", fail_times=2)], workflow_id="p3"
+    )
+    assert handle.result(timeout=10) == ["flaky:done"]
+    attempts = [c for c in CALLS.seen if c["name"] == "step"]
+    assert [c["attempt"] for c in attempts] == [1, 2, 3]
+    assert len({c["key"] for c in attempts}) == 1
+    with orchestrator.engine.sessions() as session:
+        row = session.execute(select(activity_tasks)).mappings().one()
+        assert row["status"] == "COMPLETED"
+        assert [f["attempt"] for f in row["attempt_failures"]] == [1, 2]
+        assert session.execute(select(func.count()).select_from(timers)).scalar() == 0
+
+
+def test_exhausted_retries_fail_the_activity(client: Any) -> None:
+    handle = client.start_workflow(Pipeline, [Job(name="never", fail_times=99)], workflow_id="p4")
+    with pytest.raises(WorkflowFailedError):
+        handle.result(timeout=10)
+    assert [c["attempt"] for c in CALLS.seen if c["name"] == "step"] == [1, 2, 3, 4, 5]
+    failed = [e for e in handle.history() if e.event.TYPE == "ActivityFailed"]
+    assert len(failed) == 1 and failed[0].event.attempt == 5  # type: ignore[attr-defined]
+
+
+def test_start_to_close_timeout_retries_and_drops_the_late_outcome(
+    make_orchestrator: Any,
+) -> None:
+    orchestrator = make_orchestrator(
+        ALL_WORKFLOWS, ALL_ACTIVITIES, default_start_to_close_seconds=0.3
+    )
+    handle = orchestrator.client().start_workflow(
+        FanOut, [Job(name="hung", sleep_first_attempt=1.0)], workflow_id="t1"
+    )
+    assert handle.result(timeout=10) == ["hung:done"]
+    assert [c["attempt"] for c in CALLS.seen if c["name"] == "step"] == [1, 2]
+    # The first attempt finishes after its deadline; its outcome must not count twice.
+    assert orchestrator.wait_idle(5)
+    completed = [e for e in handle.history() if e.event.TYPE == "ActivityCompleted"]
+    assert [e.event.attempt for e in completed] == [2]  # type: ignore[attr-defined]
+
+
+def test_gather_runs_activities_concurrently(client: Any) -> None:
+    jobs = [Job(name=str(i)) for i in range(5)]
+    handle = client.start_workflow(FanOut, jobs, workflow_id="f1")
+    assert handle.result(timeout=10) == [f"{i}:done" for i in range(5)]
+    assert types_of(handle)[1:6] == ["ActivityScheduled"] * 5
+
+
+def test_cancel_raises_in_the_workflow_which_compensates(client: Any) -> None:
+    handle = client.start_workflow(Sleeper, 2.0, workflow_id="c1")
+    wait_for(lambda: "slow" in CALLS.names())
+    assert handle.cancel("customer changed their mind") is True
+    assert handle.cancel() is False
+    with pytest.raises(WorkflowFailedError) as caught:
+        handle.result(timeout=10)
+    assert caught.value.status == "CANCELLED"
+    assert "undo" in CALLS.names()
+    assert types_of(handle)[-1] == "WorkflowCancelled"
+
+
+def test_errors_in_workflow_code_fail_the_run(client: Any) -> None:
+    handle = client.start_workflow(Broken, workflow_id="b1")
+    with pytest.raises(WorkflowFailedError) as caught:
+        handle.result(timeout=10)
+    assert caught.value.status == "FAILED"
+    assert caught.value.failure is not None
+    assert caught.value.failure.type == "ValueError"
+
+
+def test_wall_clock_waits_are_refused_in_workflow_code(client: Any) -> None:
+    handle = client.start_workflow(UsesAsyncioSleep, workflow_id="s1")
+    with pytest.raises(WorkflowFailedError) as caught:
+        handle.result(timeout=10)
+    assert caught.value.failure is not None
+    assert caught.value.failure.type == "WorkflowSandboxError"
