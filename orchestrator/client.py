@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from activities.failure import Failure
+from activities.errors import InvalidPayloadError, PayloadTooLargeError
 from activities.payload import from_payload, to_payload, validate_input
 from orchestrator.db import as_utc
 from orchestrator.errors import (
@@ -96,16 +97,21 @@ class Client:
         if defn.takes_input:
             if input is NO_ARG:
                 raise TypeError(f"workflow {defn.name} takes an input")
-            payload = to_payload(
-                validate_input(input, defn.input_type), defn.input_type, limit=limit
-            )
+            try:
+                payload = to_payload(
+                    validate_input(input, defn.input_type), defn.input_type, limit=limit
+                )
+            except InvalidPayloadError as exc:
+                raise InvalidPayloadError(
+                    f"invalid input for workflow {defn.name}: {exc}"
+                ) from None
+            except PayloadTooLargeError as exc:
+                raise PayloadTooLargeError(exc.size, exc.limit, f"input of {defn.name}") from None
         elif input is not NO_ARG:
             raise TypeError(f"workflow {defn.name} takes no input")
         else:
             payload = None
-        workflow_id = _check_workflow_id(
-            str(uuid.uuid4()) if workflow_id is None else workflow_id
-        )
+        workflow_id = _check_workflow_id(str(uuid.uuid4()) if workflow_id is None else workflow_id)
         engine = orchestrator.engine
         if session is not None:
             started = engine.start(

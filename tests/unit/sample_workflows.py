@@ -161,3 +161,16 @@ class UsesAsyncioSleep:
 
 ALL_WORKFLOWS = [Pipeline, FanOut, Deterministic, Sleeper, Broken, UsesAsyncioSleep]
 ALL_ACTIVITIES = [step, undo, slow]
+
+
+def _cli_app() -> Any:
+    # Built from the environment when the CLI tests load it by name.
+    from orchestrator import Orchestrator
+
+    return Orchestrator(workflows=ALL_WORKFLOWS, activities=ALL_ACTIVITIES)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CLI_APP":
+        return _cli_app()
+    raise AttributeError(name)

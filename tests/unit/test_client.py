@@ -60,7 +60,7 @@ def test_bad_starts_raise_clear_errors_and_write_nothing(
 
 
 def test_unknown_type_error_lists_the_registered_ones(orchestrator: Any) -> None:
-    with pytest.raises(UnknownWorkflowTypeError, match="registered: .*Pipeline"):
+    with pytest.raises(UnknownWorkflowTypeError, match=r"registered: .*Pipeline"):
         orchestrator.client().start_workflow("Nope", [])
 
 

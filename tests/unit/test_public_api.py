@@ -1,0 +1,71 @@
+"""Each package's public surface is what its __all__ says, and nothing slips in unnoticed."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+EXPECTED = {
+    "orchestrator": [
+        "ActivityError",
+        "Client",
+        "ConfigurationError",
+        "IdConflictPolicy",
+        "IdReusePolicy",
+        "InvalidWorkflowIdError",
+        "NondeterminismError",
+        "NotInWorkflowError",
+        "OrchestratorError",
+        "Orchestrator",
+        "RecordedEvent",
+        "ResultTimeoutError",
+        "RunClosedError",
+        "RunDescription",
+        "RunStatus",
+        "Settings",
+        "UnknownActivityTypeError",
+        "UnknownWorkflowTypeError",
+        "WorkflowAlreadyStartedError",
+        "WorkflowDefinitionError",
+        "WorkflowFailedError",
+        "WorkflowHandle",
+        "WorkflowNotFoundError",
+        "workflow",
+    ],
+    "orchestrator.workflow": [
+        "Saga",
+        "WorkflowInfo",
+        "defn",
+        "execute_activity",
+        "in_workflow",
+        "info",
+        "logger",
+        "now",
+        "random",
+        "run",
+        "uuid4",
+    ],
+}
+
+
+@pytest.mark.parametrize("module", sorted(EXPECTED))
+def test_public_names_are_pinned(module: str) -> None:
+    imported = importlib.import_module(module)
+    assert sorted(imported.__all__) == sorted(EXPECTED[module])
+    for name in imported.__all__:
+        assert hasattr(imported, name), name
+
+
+def test_every_error_derives_from_the_one_root() -> None:
+    import activities
+    import orchestrator
+    import outbox
+
+    root = orchestrator.OrchestratorError
+    assert root is outbox.OrchestratorError
+    for package in (orchestrator, activities, outbox):
+        for name in package.__all__:
+            value = getattr(package, name)
+            if isinstance(value, type) and issubclass(value, BaseException):
+                assert issubclass(value, root), f"{package.__name__}.{name}"
