@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from activities.failure import Failure
 from activities.errors import InvalidPayloadError, PayloadTooLargeError
+from activities.failure import Failure
 from activities.payload import from_payload, to_payload, validate_input
 from orchestrator.db import as_utc
 from orchestrator.errors import (

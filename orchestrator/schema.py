@@ -101,7 +101,7 @@ activity_tasks = Table(
     Column("start_to_close", Float, nullable=False),
     Column("schedule_to_close", Float, nullable=True),
     Column("is_compensation", Boolean, nullable=False, server_default=text("false")),
-    Column("idempotency_key", String(128), nullable=False),
+    Column("idempotency_key", String(512), nullable=False),
     Column("scheduled_at", DateTime(timezone=True), nullable=False),
     Column("attempt_scheduled_at", DateTime(timezone=True), nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=True),

@@ -85,7 +85,13 @@ class _Listener:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            for _ in self._conn.notifies(timeout=min(remaining, _STOP_CHECK), stop_after=1):
+            notes = self._conn.notifies(timeout=min(remaining, _STOP_CHECK), stop_after=1)
+            try:
+                received = next(notes, None)
+            finally:
+                # An unfinished generator keeps holding the connection's lock.
+                notes.close()
+            if received is not None:
                 self.discard()
                 return True
         return False

@@ -158,21 +158,24 @@ def reserve_inventory(order: Order) -> str:
         reservation_id = _new_id("rsv")
         quantities = _quantities(order)
         now = _now()
+        # One multi-row statement rather than an executemany: a duplicate key
+        # then fails as a single statement on every driver.
         conn.execute(
-            insert(inventory_reservations),
-            [
-                {
-                    "idempotency_key": key,
-                    "sku": sku,
-                    "reservation_id": reservation_id,
-                    "order_id": order.order_id,
-                    "run_id": info.run_id,
-                    "quantity": quantity,
-                    "status": "reserved",
-                    "created_at": now,
-                }
-                for sku, quantity in quantities.items()
-            ],
+            insert(inventory_reservations).values(
+                [
+                    {
+                        "idempotency_key": key,
+                        "sku": sku,
+                        "reservation_id": reservation_id,
+                        "order_id": order.order_id,
+                        "run_id": info.run_id,
+                        "quantity": quantity,
+                        "status": "reserved",
+                        "created_at": now,
+                    }
+                    for sku, quantity in quantities.items()
+                ]
+            )
         )
         for sku, quantity in quantities.items():
             # The condition makes check-and-decrement one statement, so two

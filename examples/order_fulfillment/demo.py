@@ -35,7 +35,7 @@ from examples.order_fulfillment.schema import (
     shipments,
 )
 from examples.order_fulfillment.workflow import OrderSaga
-from orchestrator.client import RunDescription, WorkflowHandle
+from orchestrator.client import RunDescription
 from orchestrator.errors import ResultTimeoutError, WorkflowFailedError
 from orchestrator.history import (
     ActivityCompleted,
@@ -57,30 +57,33 @@ def demo_orders() -> tuple[Order, Order]:
     """The order that goes through, and the one that cannot be shipped."""
     fulfilled = Order(
         order_id="order-1001",
-        customer_email="ada@example.com",
+        customer_email="customer-1001@example.com",
         items=[
             LineItem(sku="WIDGET", quantity=2, unit_price_cents=1250),
             LineItem(sku="GADGET", quantity=1, unit_price_cents=2499),
         ],
         card_number="4242424242424242",
-        address=Address(name="Ada", street="1 Main Street", city="Springfield", country="GB"),
+        address=Address(
+            name="Customer 1001", street="1 Main Street", city="Sample City", country="GB"
+        ),
     )
     unshippable = Order(
         order_id="order-1002",
-        customer_email="bob@example.com",
+        customer_email="customer-1002@example.com",
         items=[
             LineItem(sku="GIZMO", quantity=3, unit_price_cents=999),
             LineItem(sku="WIDGET", quantity=1, unit_price_cents=1250),
         ],
         card_number="4242424242424242",
-        address=Address(name="Bob", street="2 Nowhere Road", city="Atlantis", country="XX"),
+        address=Address(
+            name="Customer 1002", street="2 Unknown Road", city="Nowhere", country="XX"
+        ),
     )
     return fulfilled, unshippable
 
 
 @dataclass(frozen=True)
 class _Run:
-    handle: WorkflowHandle
     description: RunDescription
     history: list[RecordedEvent]
 
@@ -114,7 +117,7 @@ def _run_demo(out: TextIO, database_url: str, as_json: bool) -> int:
                 # The description below says how each ended (or that it did not).
                 with contextlib.suppress(WorkflowFailedError, ResultTimeoutError):
                     handle.result(timeout=RESULT_TIMEOUT)
-            runs = [_Run(h, h.describe(), h.history()) for h in handles]
+            runs = [_Run(h.describe(), h.history()) for h in handles]
             balances = _balances(stock_before, [h.run_id for h in handles])
         finally:
             # Workers first: they may still be using the services' engine.

@@ -54,7 +54,7 @@ def test_start_show_history_in_text_and_json(env: str, capsys: pytest.CaptureFix
     assert "ActivityScheduled" in out and "step" in out
     code, out, _ = run(capsys, "--json", "history", "cli-1")
     events = json.loads(out)["events"]
-    assert [e["type"] for e in events][0] == "WorkflowStarted"
+    assert events[0]["type"] == "WorkflowStarted"
     assert events[-1]["type"] == "WorkflowCompleted"
 
 

@@ -81,7 +81,9 @@ def make_order(order_id: str = "order-1", **changes: Any) -> Order:
             LineItem(sku="GADGET", quantity=1, unit_price_cents=2499),
         ],
         "card_number": "4242424242424242",
-        "address": Address(name="Ada", street="1 Main Street", city="Springfield", country="GB"),
+        "address": Address(
+            name="A Customer", street="1 Main Street", city="Sample City", country="GB"
+        ),
     }
     fields.update(changes)
     return Order(**fields)
@@ -180,7 +182,7 @@ def test_happy_path_fulfils_the_order_once(orchestrator: Orchestrator) -> None:
 
 def test_unshippable_address_compensates_in_reverse_order(orchestrator: Orchestrator) -> None:
     order = make_order(
-        address=Address(name="Bob", street="2 Nowhere Road", city="Atlantis", country="XX")
+        address=Address(name="A Customer", street="2 Unknown Road", city="Nowhere", country="XX")
     )
     handle = start(orchestrator, order)
 

@@ -100,7 +100,7 @@ def upgrade() -> None:
         sa.Column(
             "is_compensation", sa.Boolean(), server_default=sa.text("(false)"), nullable=False
         ),
-        sa.Column("idempotency_key", sa.String(length=128), nullable=False),
+        sa.Column("idempotency_key", sa.String(length=512), nullable=False),
         sa.Column("scheduled_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("attempt_scheduled_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
