@@ -131,7 +131,12 @@ class Orchestrator:
         """Fire timers and expire deadlines until ``stop`` is set (survives database outages)."""
         from orchestrator.scheduler import run_scheduler
 
-        run_scheduler(self.engine, stop, poll=self.settings.scheduler_poll_seconds)
+        run_scheduler(
+            self.engine,
+            stop,
+            poll=self.settings.scheduler_poll_seconds,
+            stale_after=self.settings.redispatch_after_seconds,
+        )
 
     def start_embedded(self) -> None:
         """Start the in-process workers and scheduler (embedded mode only)."""

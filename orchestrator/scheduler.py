@@ -6,12 +6,18 @@ import logging
 import threading
 
 from orchestrator.engine import Engine
+from orchestrator.watchdog import redispatch_stalled
 
 log = logging.getLogger("orchestrator.scheduler")
 
 
-def run_scheduler(engine: Engine, stop: threading.Event, *, poll: float) -> None:
+def run_scheduler(
+    engine: Engine, stop: threading.Event, *, poll: float, stale_after: float
+) -> None:
     """Scan until ``stop`` is set. Several schedulers may run at once.
+
+    Each pass fires due timers and deadlines, then re-dispatches work whose
+    message was lost (see :mod:`orchestrator.watchdog`).
 
     A database outage is logged and waited out with growing pauses (up to 30 s);
     the loop never dies of it, so timers resume when the database is back.
@@ -20,6 +26,7 @@ def run_scheduler(engine: Engine, stop: threading.Event, *, poll: float) -> None
     while not stop.is_set():
         try:
             fired = engine.fire_due()
+            redispatch_stalled(engine, stale_after=stale_after)
             backoff = poll
         except Exception as exc:
             log.warning("scheduler scan failed (%s); retrying in %.1fs", exc, backoff)

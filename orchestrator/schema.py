@@ -65,6 +65,13 @@ Index(
 )
 Index("ix_workflow_runs_workflow_id", workflow_runs.c.workflow_id, workflow_runs.c.created_at)
 Index("ix_workflow_runs_status", workflow_runs.c.status, workflow_runs.c.workflow_type)
+# The watchdog scans open runs by last update.
+Index(
+    "ix_workflow_runs_open_updated",
+    workflow_runs.c.updated_at,
+    postgresql_where=workflow_runs.c.closed_at.is_(None),
+    sqlite_where=workflow_runs.c.closed_at.is_(None),
+)
 
 workflow_events = Table(
     "workflow_events",
@@ -111,6 +118,12 @@ activity_tasks = Table(
     Column("last_failure", JSON, nullable=True),
     Column("attempt_failures", JSON, nullable=False),
     Column("closed_at", DateTime(timezone=True), nullable=True),
+)
+Index(
+    "ix_activity_tasks_waiting",
+    activity_tasks.c.attempt_scheduled_at,
+    postgresql_where=activity_tasks.c.status == "SCHEDULED",
+    sqlite_where=activity_tasks.c.status == "SCHEDULED",
 )
 Index(
     "ix_activity_tasks_deadline",

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     scheduler_poll_seconds: float = Field(
         default=0.5, gt=0, description="How often timers and deadlines are scanned."
     )
+    redispatch_after_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Send a stalled run's or activity's message again after this long.",
+    )
     max_payload_bytes: int = Field(
         default=2 * 1024 * 1024, gt=0, description="Largest input, result or error payload."
     )

@@ -20,6 +20,7 @@ from sample_workflows import (
 from sqlalchemy import func, select
 
 from orchestrator import RunClosedError, RunStatus, WorkflowFailedError
+from orchestrator.db import utcnow
 from orchestrator.schema import activity_tasks, timers
 
 pytestmark = pytest.mark.timeout(30)
@@ -154,3 +155,33 @@ def test_wall_clock_waits_are_refused_in_workflow_code(client: Any) -> None:
         handle.result(timeout=10)
     assert caught.value.failure is not None
     assert caught.value.failure.type == "WorkflowSandboxError"
+
+
+def test_watchdog_resends_lost_messages(make_orchestrator: Any) -> None:
+    from orchestrator.watchdog import redispatch_stalled
+    from outbox.schema import outbox_messages
+
+    orchestrator = make_orchestrator(
+        ALL_WORKFLOWS, ALL_ACTIVITIES, publish_after_commit=False, relay_grace_seconds=0
+    )
+    orchestrator.start_embedded()
+    engine, relay = orchestrator.engine, orchestrator.relay()
+
+    def lose_everything_unpublished() -> None:
+        # As if each message had reached a consumer that failed and acked it.
+        with engine.sessions() as session:
+            session.execute(outbox_messages.update().values(published_at=utcnow()))
+            session.commit()
+
+    handle = orchestrator.client().start_workflow(Pipeline, [Job(name="lost")], workflow_id="w1")
+    lose_everything_unpublished()
+    assert redispatch_stalled(engine, stale_after=60) == 0  # not stale yet
+    wait_for(lambda: redispatch_stalled(engine, stale_after=0.01) == 1)
+    assert relay.run_once() == 1
+    wait_for(lambda: len(handle.history()) == 2)  # the workflow task ran: activity scheduled
+    assert orchestrator.wait_idle(5)
+    lose_everything_unpublished()
+    wait_for(lambda: redispatch_stalled(engine, stale_after=0.01) == 1)
+    assert relay.run_once() == 1
+    assert handle.result(timeout=10) == ["lost:done"]
+    assert [c["attempt"] for c in CALLS.seen if c["name"] == "step"] == [1]

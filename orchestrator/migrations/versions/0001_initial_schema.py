@@ -75,6 +75,13 @@ def upgrade() -> None:
     with op.batch_alter_table("workflow_runs", schema=None) as batch_op:
         batch_op.create_index("ix_workflow_runs_status", ["status", "workflow_type"], unique=False)
         batch_op.create_index(
+            "ix_workflow_runs_open_updated",
+            ["updated_at"],
+            unique=False,
+            postgresql_where=sa.text("closed_at IS NULL"),
+            sqlite_where=sa.text("closed_at IS NULL"),
+        )
+        batch_op.create_index(
             "ix_workflow_runs_workflow_id", ["workflow_id", "created_at"], unique=False
         )
         batch_op.create_index(
@@ -118,6 +125,13 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("run_id", "activity_id", name=op.f("pk_activity_tasks")),
     )
     with op.batch_alter_table("activity_tasks", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_activity_tasks_waiting",
+            ["attempt_scheduled_at"],
+            unique=False,
+            postgresql_where=sa.text("status = 'SCHEDULED'"),
+            sqlite_where=sa.text("status = 'SCHEDULED'"),
+        )
         batch_op.create_index(
             "ix_activity_tasks_deadline",
             ["deadline_at"],
@@ -184,6 +198,7 @@ def downgrade() -> None:
 
     op.drop_table("timers")
     with op.batch_alter_table("activity_tasks", schema=None) as batch_op:
+        batch_op.drop_index("ix_activity_tasks_waiting")
         batch_op.drop_index(
             "ix_activity_tasks_deadline",
             postgresql_where=sa.text("deadline_at IS NOT NULL"),
@@ -199,6 +214,7 @@ def downgrade() -> None:
         )
         batch_op.drop_index("ix_workflow_runs_workflow_id")
         batch_op.drop_index("ix_workflow_runs_status")
+        batch_op.drop_index("ix_workflow_runs_open_updated")
 
     op.drop_table("workflow_runs")
     with op.batch_alter_table("outbox_messages", schema=None) as batch_op:
