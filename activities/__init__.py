@@ -17,6 +17,7 @@ activities and records their outcomes, running each attempt with
 from activities.context import ActivityInfo, heartbeat, in_activity, info
 from activities.definition import ActivityDefinition, defn, get_definition
 from activities.errors import (
+    ActivityCancelledError,
     ActivityDefinitionError,
     ApplicationError,
     InvalidPayloadError,
@@ -36,6 +37,7 @@ __all__ = [
     "ActivityDefinition",
     "ActivityDefinitionError",
     "ActivityInfo",
+    "ActivityCancelledError",
     "ApplicationError",
     "Failure",
     "InvalidPayloadError",

@@ -101,3 +101,14 @@ class PayloadTooLargeError(PayloadError):
         # ``args`` holds the formatted message, not the constructor arguments,
         # so the default reduction would rebuild it wrongly.
         return (self.__class__, (self.size, self.limit, self.what))
+
+
+class ActivityCancelledError(ApplicationError):
+    """Raised by ``activity.heartbeat()`` when the attempt should stop.
+
+    The workflow was cancelled or closed, or this attempt timed out and another
+    took its place. Activity code may catch it to clean up; it is not retried.
+    """
+
+    def __init__(self, message: str = "activity cancelled") -> None:
+        super().__init__(message, type="ActivityCancelled", non_retryable=True)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine as DbEngine
 
 from activities.definition import ActivityDefinition
 from activities.payload import to_payload, validate_input
-from orchestrator.db import create_db_engine
+from orchestrator.db import create_db_engine, utcnow
 from orchestrator.engine import Engine
 from orchestrator.errors import WorkflowAlreadyStartedError
 from orchestrator.policies import IdConflictPolicy, IdReusePolicy
@@ -49,8 +50,12 @@ class Orchestrator:
         workflows: Iterable[type[Any]] = (),
         activities: Iterable[Callable[..., Any] | ActivityDefinition] = (),
         settings: Settings | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.settings = settings or Settings()
+        self.clock = clock or utcnow
+        # Set by the testing environment: how many callers wait for a result now.
+        self.waiting_for_results = 0
         self.registry = Registry(workflows, activities)
         self._lock = threading.RLock()
         self._db: DbEngine | None = None
@@ -107,6 +112,7 @@ class Orchestrator:
                         self.publisher,
                         publish_after_commit=self.settings.publish_after_commit,
                     ),
+                    clock=self.clock,
                 )
             return self._engine
 
@@ -172,7 +178,7 @@ class Orchestrator:
             try:
                 engine.start(
                     session,
-                    defn,
+                    defn.name,
                     data,
                     workflow_id=workflow_id,
                     id_reuse_policy=IdReusePolicy.REJECT_DUPLICATE,

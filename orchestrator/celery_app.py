@@ -19,7 +19,9 @@ from celery.exceptions import Reject
 from celery.worker.consumer import Consumer
 from kombu.entity import Exchange, Queue
 
+from activities.errors import PayloadError
 from orchestrator import messages
+from orchestrator.errors import InvalidWorkflowIdError, UnknownWorkflowTypeError
 from outbox.errors import PublishError
 from outbox.message import OutboxMessage
 
@@ -104,7 +106,24 @@ def create_celery(orchestrator: Orchestrator) -> Celery:
     ) -> None:
         if not isinstance(workflow_type, str) or not isinstance(workflow_id, str) or extra:
             raise Reject("malformed start request", requeue=False)
-        orchestrator.start_from_message(workflow_type, workflow_id, input)
+        try:
+            orchestrator.start_from_message(workflow_type, workflow_id, input)
+        except (UnknownWorkflowTypeError, PayloadError, InvalidWorkflowIdError) as exc:
+            # A request no retry can fix: keep it for an operator, not in a loop.
+            raise Reject(f"start request refused: {exc}", requeue=False) from exc
+
+    @app.task(name=messages.CHILD_CLOSED, shared=False)  # type: ignore[untyped-decorator]
+    def child_closed(**body: Any) -> None:
+        try:
+            orchestrator.engine.child_closed(**body)
+        except TypeError as exc:
+            raise Reject(f"malformed child outcome: {exc}", requeue=False) from exc
+
+    @app.task(name=messages.RUN_CONTROL, shared=False)  # type: ignore[untyped-decorator]
+    def run_control(run_id: Any = None, action: Any = None, reason: Any = "") -> None:
+        if not isinstance(run_id, str) or action not in ("terminate", "cancel"):
+            raise Reject("malformed run control message", requeue=False)
+        orchestrator.engine.run_control(run_id, action, str(reason))
 
     for defn in orchestrator.registry.activities.values():
         _register_activity(app, orchestrator, defn.name, defn.task_queue)

@@ -15,9 +15,11 @@ from activities.errors import InvalidPayloadError, PayloadTooLargeError
 from activities.failure import Failure
 from activities.payload import from_payload, to_payload, validate_input
 from orchestrator.db import as_utc
+from orchestrator.definition import WorkflowDefinition
 from orchestrator.errors import (
     InvalidWorkflowIdError,
     ResultTimeoutError,
+    UnknownSignalError,
     WorkflowFailedError,
     WorkflowNotFoundError,
     failure_of,
@@ -93,7 +95,34 @@ class Client:
         """
         orchestrator = self._orchestrator
         defn = orchestrator.registry.workflow(workflow)
-        limit = orchestrator.settings.max_payload_bytes
+        payload = self._input_payload(defn, input)
+        workflow_id = _check_workflow_id(str(uuid.uuid4()) if workflow_id is None else workflow_id)
+        engine = orchestrator.engine
+        if session is not None:
+            started = engine.start(
+                session,
+                defn.name,
+                payload,
+                workflow_id=workflow_id,
+                id_reuse_policy=id_reuse_policy,
+                id_conflict_policy=id_conflict_policy,
+            )
+        else:
+            with engine.sessions() as own:
+                started = engine.start(
+                    own,
+                    defn.name,
+                    payload,
+                    workflow_id=workflow_id,
+                    id_reuse_policy=id_reuse_policy,
+                    id_conflict_policy=id_conflict_policy,
+                )
+                own.commit()
+        return WorkflowHandle(self, workflow_id, started.run_id)
+
+    def _input_payload(self, defn: WorkflowDefinition, input: Any) -> Any:
+        """Validate a run's input against its type hint before anything is written."""
+        limit = self._orchestrator.settings.max_payload_bytes
         if defn.takes_input:
             if input is NO_ARG:
                 raise TypeError(f"workflow {defn.name} takes an input")
@@ -111,29 +140,53 @@ class Client:
             raise TypeError(f"workflow {defn.name} takes no input")
         else:
             payload = None
-        workflow_id = _check_workflow_id(str(uuid.uuid4()) if workflow_id is None else workflow_id)
+        return payload
+
+    def signal_with_start(
+        self,
+        workflow: type[Any] | str,
+        input: Any = NO_ARG,
+        *,
+        signal: str,
+        signal_arg: Any = NO_ARG,
+        workflow_id: str,
+    ) -> WorkflowHandle:
+        """Signal the open run of ``workflow_id``, starting it first if there is none.
+
+        Both happen in one transaction, so the signal is never lost between them.
+        """
+        orchestrator = self._orchestrator
+        defn = orchestrator.registry.workflow(workflow)
+        payload = self._input_payload(defn, input)
+        signal_payload = self._signal_payload(defn.name, signal, signal_arg)
+        workflow_id = _check_workflow_id(workflow_id)
         engine = orchestrator.engine
-        if session is not None:
+        with engine.sessions() as session:
             started = engine.start(
                 session,
-                defn,
+                defn.name,
                 payload,
                 workflow_id=workflow_id,
-                id_reuse_policy=id_reuse_policy,
-                id_conflict_policy=id_conflict_policy,
+                id_reuse_policy=IdReusePolicy.ALLOW_DUPLICATE,
+                id_conflict_policy=IdConflictPolicy.USE_EXISTING,
             )
-        else:
-            with engine.sessions() as own:
-                started = engine.start(
-                    own,
-                    defn,
-                    payload,
-                    workflow_id=workflow_id,
-                    id_reuse_policy=id_reuse_policy,
-                    id_conflict_policy=id_conflict_policy,
-                )
-                own.commit()
+            engine.signal(session, started.run_id, signal, signal_payload)
+            engine.commit(session)
         return WorkflowHandle(self, workflow_id, started.run_id)
+
+    def _signal_payload(self, workflow_type: str, name: str, arg: Any) -> Any:
+        registry = self._orchestrator.registry
+        if not registry.has_workflow(workflow_type):
+            # Only the workers know this workflow; they check the signal.
+            return None if arg is NO_ARG else to_payload(arg)
+        defn = registry.workflow(workflow_type)
+        handler = defn.signals.get(name)
+        if handler is None:
+            raise UnknownSignalError(
+                f"workflow {defn.name} has no signal {name!r}; it has: "
+                f"{', '.join(sorted(defn.signals)) or 'none'}"
+            )
+        return _handler_payload(handler.takes_input, handler.input_type, arg, name)
 
     def get_handle(self, workflow_id: str, run_id: str | None = None) -> WorkflowHandle:
         """A handle to ``run_id``, or to the workflow id's open (else latest) run."""
@@ -205,17 +258,28 @@ class WorkflowHandle:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.01
-        while True:
-            description = self.describe()
-            if description.status.is_closed:
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                raise ResultTimeoutError(
-                    f"workflow {self.workflow_id} is still {description.status.value} "
-                    f"after {timeout}s"
-                )
-            time.sleep(pause)
-            pause = min(pause * 1.5, 0.25)
+        orchestrator = self._client._orchestrator
+        # A time-skipping test environment moves the clock only while someone waits.
+        orchestrator.waiting_for_results += 1
+        try:
+            while True:
+                description = self.describe()
+                if description.status.is_closed:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise ResultTimeoutError(
+                        f"workflow {self.workflow_id} is still {description.status.value} "
+                        f"after {timeout}s"
+                    )
+                time.sleep(pause)
+                pause = min(pause * 1.5, 0.25)
+        finally:
+            orchestrator.waiting_for_results -= 1
+        if description.status is RunStatus.CONTINUED_AS_NEW:
+            # An entity that continued as new: its result is its last run's.
+            self.run_id = description.result["continued_as"]
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            return self.result(timeout=remaining)
         if description.status is not RunStatus.COMPLETED:
             raise WorkflowFailedError(
                 workflow_id=self.workflow_id,
@@ -235,7 +299,58 @@ class WorkflowHandle:
         Returns False if cancellation was already requested; raises RunClosedError
         if the run has closed.
         """
-        return self._client._orchestrator.engine.request_cancel(self.run_id, reason)
+        return self._client._orchestrator.engine.request_cancel(self._current_run_id(), reason)
+
+    def terminate(self, reason: str = "") -> None:
+        """Close the run at once without running its code (no compensation)."""
+        self._client._orchestrator.engine.terminate(self._current_run_id(), reason)
+
+    def _current_run_id(self) -> str:
+        """This run, or the run it continued as (an entity's latest run)."""
+        run_id = self.run_id
+        description = self._client._describe(run_id)
+        while description.status is RunStatus.CONTINUED_AS_NEW:
+            run_id = description.result["continued_as"]
+            description = self._client._describe(run_id)
+        return run_id
+
+    def signal(self, name: str, arg: Any = NO_ARG) -> None:
+        """Send the signal ``name``; signals are delivered in the order they are sent."""
+        client = self._client
+        engine = client._orchestrator.engine
+        run_id = self._current_run_id()
+        payload = client._signal_payload(self.describe().workflow_type, name, arg)
+        with engine.sessions() as session:
+            engine.signal(session, run_id, name, payload)
+            engine.commit(session)
+
+    def query(self, name: str, arg: Any = NO_ARG) -> Any:
+        """Ask the run's query handler ``name`` (the workflow's code must be registered here)."""
+        client = self._client
+        registry = client._orchestrator.registry
+        defn = registry.workflow(self.describe().workflow_type)
+        handler = defn.queries.get(name)
+        if handler is None:
+            raise UnknownSignalError(
+                f"workflow {defn.name} has no query {name!r}; it has: "
+                f"{', '.join(sorted(defn.queries)) or 'none'}"
+            )
+        payload = _handler_payload(handler.takes_input, handler.input_type, arg, name)
+        result = client._orchestrator.engine.query(self._current_run_id(), name, payload)
+        return from_payload(result, handler.output_type)
+
+
+def _handler_payload(takes_input: bool, input_type: Any, arg: Any, name: str) -> Any:
+    if not takes_input:
+        if arg is not NO_ARG:
+            raise TypeError(f"{name} takes no argument")
+        return None
+    if arg is NO_ARG:
+        raise TypeError(f"{name} takes an argument")
+    try:
+        return to_payload(validate_input(arg, input_type), input_type)
+    except InvalidPayloadError as exc:
+        raise InvalidPayloadError(f"invalid argument for {name}: {exc}") from None
 
 
 def _check_workflow_id(workflow_id: str) -> str:

@@ -11,7 +11,21 @@ from typing import Any
 from orchestrator.errors import WorkflowDefinitionError
 
 _RUN_MARK = "__workflow_run__"
+_SIGNAL_MARK = "__workflow_signal__"
+_QUERY_MARK = "__workflow_query__"
 _DEFN_ATTR = "__workflow_definition__"
+
+
+@dataclass(frozen=True)
+class HandlerDefinition:
+    """A signal or query handler: its name, method and argument type."""
+
+    name: str
+    method: str
+    takes_input: bool
+    input_type: Any
+    output_type: Any
+    is_async: bool
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,8 @@ class WorkflowDefinition:
     takes_input: bool
     input_type: Any
     output_type: Any
+    signals: dict[str, HandlerDefinition]
+    queries: dict[str, HandlerDefinition]
 
 
 def mark_run(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -34,6 +50,36 @@ def mark_run(fn: Callable[..., Any]) -> Callable[..., Any]:
         )
     setattr(fn, _RUN_MARK, True)
     return fn
+
+
+def mark_handler(fn: Callable[..., Any], kind: str, name: str | None) -> Callable[..., Any]:
+    """Mark a method as a signal or query handler under ``name`` (default: its own)."""
+    if kind == "query" and inspect.iscoroutinefunction(fn):
+        raise WorkflowDefinitionError(f"query {fn.__qualname__} must be a plain 'def'")
+    setattr(fn, _SIGNAL_MARK if kind == "signal" else _QUERY_MARK, name or fn.__name__)
+    return fn
+
+
+def _handler(cls: type[Any], attr: str, name: str) -> HandlerDefinition:
+    method = getattr(cls, attr)
+    params = [
+        p
+        for p in list(inspect.signature(method).parameters.values())[1:]
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(params) > 1:
+        raise WorkflowDefinitionError(
+            f"{cls.__qualname__}.{attr} takes {len(params)} arguments; handlers take at most one"
+        )
+    hints = typing.get_type_hints(method)
+    return HandlerDefinition(
+        name=name,
+        method=attr,
+        takes_input=bool(params),
+        input_type=hints.get(params[0].name, Any) if params else None,
+        output_type=hints.get("return", Any),
+        is_async=inspect.iscoroutinefunction(method),
+    )
 
 
 def define(cls: type[Any], name: str | None) -> WorkflowDefinition:
@@ -65,6 +111,18 @@ def define(cls: type[Any], name: str | None) -> WorkflowDefinition:
             f"cannot resolve the type hints of {cls.__qualname__}.{runs[0]}: {exc}"
         ) from exc
     input_type = hints.get(params[0].name, Any) if params else None
+    signals: dict[str, HandlerDefinition] = {}
+    queries: dict[str, HandlerDefinition] = {}
+    for attr in dir(cls):
+        value = getattr(cls, attr, None)
+        if not callable(value):
+            continue
+        signal_name = getattr(value, _SIGNAL_MARK, None)
+        query_name = getattr(value, _QUERY_MARK, None)
+        if signal_name:
+            signals[signal_name] = _handler(cls, attr, signal_name)
+        if query_name:
+            queries[query_name] = _handler(cls, attr, query_name)
     defn = WorkflowDefinition(
         name=name or cls.__name__,
         cls=cls,
@@ -72,6 +130,8 @@ def define(cls: type[Any], name: str | None) -> WorkflowDefinition:
         takes_input=bool(params),
         input_type=input_type,
         output_type=hints.get("return", Any),
+        signals=signals,
+        queries=queries,
     )
     setattr(cls, _DEFN_ATTR, defn)
     return defn

@@ -98,6 +98,10 @@ class EmbeddedBroker:
         body = message.body
         if message.destination == messages.WORKFLOW_TASK:
             engine.workflow_task(body["run_id"])
+        elif message.destination == messages.CHILD_CLOSED:
+            engine.child_closed(**body)
+        elif message.destination == messages.RUN_CONTROL:
+            engine.run_control(body["run_id"], body["action"], body["reason"])
         elif message.destination == messages.START_WORKFLOW:
             self._orchestrator.start_from_message(
                 body["workflow_type"], body["workflow_id"], body.get("input")

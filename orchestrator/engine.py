@@ -1,72 +1,85 @@
-"""The state transitions of runs: start, workflow task, activity attempt, timers.
+"""The state transitions of runs: start, workflow task, signal, cancel, terminate.
 
-Each public method is one transaction (the activity attempt is two, around the
-user's code) that locks the run, appends to its history and writes the messages
-that follow from it to the outbox, so a transition and its messages commit
-together or not at all. Consumers are idempotent by state: a message names the
-state it expects (a run with new events, an activity attempt that is scheduled),
-and a duplicate or stale message finds that state gone and does nothing.
+Each public method is one transaction that locks the run, appends to its history
+and writes the messages that follow from it to the outbox, so a transition and
+its messages commit together or not at all. Consumers are idempotent by state: a
+message names the state it expects (a run with new events, an activity attempt
+that is scheduled), and a duplicate or stale message finds that state gone and
+does nothing. Activity attempts live in :mod:`orchestrator.activity_runner`,
+timers in :mod:`orchestrator.timers`.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine as DbEngine
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from activities.context import ActivityInfo
-from activities.definition import ActivityDefinition
-from activities.execution import Outcome, execute
 from activities.failure import Failure
-from activities.retry import RetryPolicy
 from orchestrator import messages
-from orchestrator.db import as_utc, session_factory, utcnow
-from orchestrator.definition import WorkflowDefinition
+from orchestrator.activity_runner import ActivityRunner
+from orchestrator.db import session_factory, utcnow
 from orchestrator.errors import (
+    HistoryLimitError,
     NondeterminismError,
     RunClosedError,
+    UnknownWorkflowTypeError,
     WorkflowAlreadyStartedError,
     WorkflowNotFoundError,
 )
 from orchestrator.history import (
     CLOSING_EVENTS,
-    ActivityCompleted,
-    ActivityFailed,
     ActivityScheduled,
     CancelRequested,
+    ChildWorkflowClosed,
+    ChildWorkflowScheduled,
     HistoryEvent,
+    SignalReceived,
+    TimerCancelled,
+    TimerStarted,
     WorkflowCompensated,
     WorkflowCompleted,
+    WorkflowContinuedAsNew,
     WorkflowFailed,
     WorkflowStarted,
+    WorkflowTerminated,
 )
 from orchestrator.instance import ActivityDefaults, WorkflowInstance
-from orchestrator.policies import IdConflictPolicy, IdReusePolicy, RunStatus
+from orchestrator.policies import IdConflictPolicy, IdReusePolicy, ParentClosePolicy, RunStatus
 from orchestrator.registry import Registry
 from orchestrator.runs import InstanceCache, LockedRun, load_history, lock_run, save_run
-from orchestrator.schema import activity_tasks, timers, workflow_runs
+from orchestrator.schema import workflow_runs
 from orchestrator.settings import Settings
-from outbox.crashpoints import crash_point
+from orchestrator.timers import TimerService, cancel_timer, delete_run_timers, start_timer
 from outbox.message import OutboxMessage
 from outbox.writer import OutboxWriter
 
 log = logging.getLogger("orchestrator.engine")
 
-ACTIVITY_RETRY = "ACTIVITY_RETRY"
-_KEEP_ATTEMPT_FAILURES = 20
+Clock = Callable[[], datetime]
 
 
 @dataclass(frozen=True)
 class StartResult:
     run_id: str
     created: bool
+
+
+@dataclass(frozen=True)
+class ParentLink:
+    """Where a child run reports when it closes."""
+
+    run_id: str
+    child_id: str
+    close_policy: ParentClosePolicy
 
 
 class Engine:
@@ -79,28 +92,42 @@ class Engine:
         settings: Settings,
         db: DbEngine,
         outbox: OutboxWriter,
+        clock: Clock = utcnow,
     ) -> None:
         self.registry = registry
         self.settings = settings
         self.db = db
         self.outbox = outbox
+        self.clock = clock
         self.sessions = session_factory(db)
         self.cache = InstanceCache(settings.instance_cache_size)
+        self.activities = ActivityRunner(self)
+        self.timers = TimerService(self)
         self._defaults = ActivityDefaults(
             start_to_close=settings.default_start_to_close_seconds,
             max_payload_bytes=settings.max_payload_bytes,
+            max_pending=settings.max_pending,
+            history_warn_events=settings.history_warn_events,
         )
+
+    # Entry points of the broker's consumers.
+    def activity_task(self, run_id: str, activity_id: str, attempt: int) -> None:
+        self.activities.run_attempt(run_id, activity_id, attempt)
+
+    def fire_due(self, limit: int = 100) -> int:
+        return self.timers.fire_due(limit)
 
     # ------------------------------------------------------------------ starting
     def start(
         self,
         session: Session,
-        defn: WorkflowDefinition,
+        workflow_type: str,
         payload: Any,
         *,
         workflow_id: str,
         id_reuse_policy: IdReusePolicy,
         id_conflict_policy: IdConflictPolicy,
+        parent: ParentLink | None = None,
     ) -> StartResult:
         """Create a run inside ``session``'s transaction (the caller commits)."""
         existing = self._latest_run(session, workflow_id)
@@ -110,44 +137,11 @@ class Engine:
             )
             if decided is not None:
                 return decided
-        now = utcnow()
-        run_id = str(uuid.uuid4())
-        started = WorkflowStarted(
-            workflow_type=defn.name,
-            workflow_id=workflow_id,
-            input=payload,
-            seed=uuid.uuid4().int >> 65,
-        )
         try:
             # A savepoint, so that losing a race for the id leaves the caller's
             # transaction usable.
             with session.begin_nested():
-                session.execute(
-                    insert(workflow_runs).values(
-                        run_id=run_id,
-                        workflow_id=workflow_id,
-                        workflow_type=defn.name,
-                        status=RunStatus.RUNNING.value,
-                        input=payload,
-                        history_length=0,
-                        processed_seq=0,
-                        cancel_requested=False,
-                        task_failures=0,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-                run = LockedRun(
-                    run_id=run_id,
-                    workflow_id=workflow_id,
-                    workflow_type=defn.name,
-                    status=RunStatus.RUNNING,
-                    history_length=0,
-                    processed_seq=0,
-                    cancel_requested=False,
-                )
-                run.append(started)
-                save_run(session, run, now)
+                run_id = self._insert_run(session, workflow_type, workflow_id, payload, parent)
         except IntegrityError:
             existing = self._latest_run(session, workflow_id)
             if existing is None:
@@ -158,15 +152,64 @@ class Engine:
             if decided is None:
                 raise
             return decided
-        self.outbox.add(
-            session,
-            [messages.workflow_task(run_id, workflow_id, self.settings.workflow_queue)],
-        )
         log.info(
             "workflow started",
-            extra={"workflow_id": workflow_id, "run_id": run_id, "workflow_type": defn.name},
+            extra={"workflow_id": workflow_id, "run_id": run_id, "workflow_type": workflow_type},
         )
         return StartResult(run_id=run_id, created=True)
+
+    def _insert_run(
+        self,
+        session: Session,
+        workflow_type: str,
+        workflow_id: str,
+        payload: Any,
+        parent: ParentLink | None,
+    ) -> str:
+        """Insert a run row, its WorkflowStarted event and the message asking for its first task."""
+        now = self.clock()
+        run_id = str(uuid.uuid4())
+        session.execute(
+            insert(workflow_runs).values(
+                run_id=run_id,
+                workflow_id=workflow_id,
+                workflow_type=workflow_type,
+                status=RunStatus.RUNNING.value,
+                input=payload,
+                history_length=0,
+                processed_seq=0,
+                cancel_requested=False,
+                task_failures=0,
+                parent_run_id=parent.run_id if parent else None,
+                parent_child_id=parent.child_id if parent else None,
+                parent_close_policy=parent.close_policy.value if parent else None,
+                parent_notified=False,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        run = LockedRun(
+            run_id=run_id,
+            workflow_id=workflow_id,
+            workflow_type=workflow_type,
+            status=RunStatus.RUNNING,
+            history_length=0,
+            processed_seq=0,
+            cancel_requested=False,
+        )
+        run.append(
+            WorkflowStarted(
+                workflow_type=workflow_type,
+                workflow_id=workflow_id,
+                input=payload,
+                seed=uuid.uuid4().int >> 65,
+            )
+        )
+        save_run(session, run, now)
+        self.outbox.add(
+            session, [messages.workflow_task(run_id, workflow_id, self.settings.workflow_queue)]
+        )
+        return run_id
 
     @staticmethod
     def _latest_run(session: Session, workflow_id: str) -> tuple[str, RunStatus] | None:
@@ -216,8 +259,8 @@ class Engine:
     def _advance(self, session: Session, run: LockedRun) -> None:
         """Apply the run's new events to its workflow code and record what it decides.
 
-        Must be called with the run locked. The instance goes back to the cache only
-        once the transaction has committed.
+        Must be called with the run locked and everything appended so far saved.
+        The instance goes back to the cache only once the transaction has committed.
         """
         defn = self.registry.workflow(run.workflow_type)
         instance = self.cache.take(run.run_id)
@@ -225,27 +268,131 @@ class Engine:
             instance = WorkflowInstance(
                 defn, run_id=run.run_id, workflow_id=run.workflow_id, defaults=self._defaults
             )
-        # The caller has saved what it appended, so the history read here is complete.
         history = load_history(session, run.run_id, after=instance.applied_seq)
         commands = instance.advance(history, run.processed_seq)
-        now = utcnow()
+        now = self.clock()
+        if run.history_length + len(commands) > self.settings.max_history_events:
+            self._fail_on_history_limit(session, run, now)
+            instance.close()
+            return
         outgoing: list[OutboxMessage] = []
-        for command in commands:
+        follow_ups: list[HistoryEvent] = []
+        for issued in commands:
+            command = (
+                self._continue_as_new(session, run, issued)
+                if isinstance(issued, WorkflowContinuedAsNew)
+                else issued
+            )
             run.append(command)
             if isinstance(command, ActivityScheduled):
-                outgoing.append(self._schedule_activity(session, run, command, now))
+                outgoing.append(self.activities.schedule(session, run, command, now))
+            elif isinstance(command, TimerStarted):
+                start_timer(session, run, command.timer_id, command.seconds, now)
+            elif isinstance(command, TimerCancelled):
+                cancel_timer(session, run, command.timer_id)
+            elif isinstance(command, ChildWorkflowScheduled):
+                follow_ups.extend(self._start_child(session, run, command))
             elif command.TYPE in CLOSING_EVENTS:
-                self._close(run, command, now)
+                self._close(session, run, command, now)
         instance.recorded(len(commands))
         run.processed_seq = run.history_length
         run.changes["processed_seq"] = run.history_length
         run.changes["task_failure"] = None
+        for event in follow_ups:
+            # Results known at once (a child that could not start) are new events
+            # for the next workflow task.
+            run.append(event)
         save_run(session, run, now)
+        if follow_ups:
+            outgoing.append(
+                messages.workflow_task(run.run_id, run.workflow_id, self.settings.workflow_queue)
+            )
         if outgoing:
             self.outbox.add(session, outgoing)
         session.info.setdefault("instances", []).append(instance)
 
-    def _close(self, run: LockedRun, command: HistoryEvent, now: datetime) -> None:
+    def _fail_on_history_limit(self, session: Session, run: LockedRun, now: datetime) -> None:
+        limit = self.settings.max_history_events
+        error = HistoryLimitError(
+            f"run {run.run_id} would exceed {limit} history events; "
+            "use workflow.continue_as_new to keep entity histories bounded"
+        )
+        command = WorkflowFailed(failure=Failure.from_exception(error).to_json())
+        run.append(command)
+        self._close(session, run, command, now)
+        run.processed_seq = run.history_length
+        run.changes["processed_seq"] = run.history_length
+        save_run(session, run, now)
+
+    def _continue_as_new(
+        self, session: Session, run: LockedRun, command: WorkflowContinuedAsNew
+    ) -> WorkflowContinuedAsNew:
+        """Close this run and start its successor under the same workflow id."""
+        # The old run must be closed before the new one takes the open-id slot.
+        session.execute(
+            update(workflow_runs)
+            .where(workflow_runs.c.run_id == run.run_id)
+            .values(closed_at=self.clock(), status=RunStatus.CONTINUED_AS_NEW.value)
+        )
+        parent = self._parent_of(session, run.run_id)
+        new_run_id = self._insert_run(
+            session, run.workflow_type, run.workflow_id, command.input, parent
+        )
+        # The successor reports to the parent; this run no longer does.
+        session.execute(
+            update(workflow_runs)
+            .where(workflow_runs.c.run_id == run.run_id)
+            .values(parent_notified=True)
+        )
+        return command.model_copy(update={"new_run_id": new_run_id})
+
+    @staticmethod
+    def _parent_of(session: Session, run_id: str) -> ParentLink | None:
+        row = session.execute(
+            select(
+                workflow_runs.c.parent_run_id,
+                workflow_runs.c.parent_child_id,
+                workflow_runs.c.parent_close_policy,
+            ).where(workflow_runs.c.run_id == run_id)
+        ).first()
+        if row is None or row[0] is None:
+            return None
+        return ParentLink(run_id=row[0], child_id=row[1], close_policy=ParentClosePolicy(row[2]))
+
+    def _start_child(
+        self, session: Session, run: LockedRun, command: ChildWorkflowScheduled
+    ) -> list[HistoryEvent]:
+        parent = ParentLink(
+            run_id=run.run_id,
+            child_id=command.child_id,
+            close_policy=ParentClosePolicy(command.parent_close_policy),
+        )
+        try:
+            # A type no worker here knows would leave the child stuck forever.
+            self.registry.workflow(command.workflow_type)
+            self.start(
+                session,
+                command.workflow_type,
+                command.input,
+                workflow_id=command.workflow_id,
+                id_reuse_policy=IdReusePolicy.ALLOW_DUPLICATE,
+                id_conflict_policy=IdConflictPolicy.FAIL,
+                parent=parent,
+            )
+        except (WorkflowAlreadyStartedError, UnknownWorkflowTypeError) as exc:
+            return [
+                ChildWorkflowClosed(
+                    child_id=command.child_id,
+                    workflow_id=command.workflow_id,
+                    status="START_FAILED",
+                    failure=Failure.from_exception(exc).to_json(),
+                )
+            ]
+        return []
+
+    def _close(
+        self, session: Session, run: LockedRun, command: HistoryEvent, now: datetime
+    ) -> None:
         status = RunStatus(CLOSING_EVENTS[command.TYPE])
         run.status = status
         run.changes.update(status=status.value, closed_at=now)
@@ -253,50 +400,67 @@ class Engine:
             run.changes["result"] = command.result
         elif isinstance(command, WorkflowFailed | WorkflowCompensated):
             run.changes["failure"] = command.failure
+        elif isinstance(command, WorkflowContinuedAsNew):
+            run.changes["result"] = {"continued_as": command.new_run_id}
+        elif isinstance(command, WorkflowTerminated):
+            run.changes["failure"] = Failure(
+                type="Terminated", message=command.reason or "terminated"
+            ).to_json()
+        delete_run_timers(session, run.run_id)
+        outgoing = self._close_children(session, run)
+        if status is not RunStatus.CONTINUED_AS_NEW:
+            outgoing += self._notify_parent(session, run, status, run.changes)
+        if outgoing:
+            self.outbox.add(session, outgoing)
         log.info(
             "workflow closed %s",
             status.value,
             extra={"workflow_id": run.workflow_id, "run_id": run.run_id},
         )
 
-    def _schedule_activity(
-        self, session: Session, run: LockedRun, command: ActivityScheduled, now: datetime
-    ) -> OutboxMessage:
-        close_deadline = (
-            now + timedelta(seconds=command.schedule_to_close)
-            if command.schedule_to_close
-            else None
-        )
-        session.execute(
-            insert(activity_tasks).values(
-                run_id=run.run_id,
-                activity_id=command.activity_id,
-                activity_type=command.activity_type,
-                task_queue=command.task_queue,
-                input=command.input,
-                attempt=1,
-                status="SCHEDULED",
-                retry_policy=command.retry_policy,
-                start_to_close=command.start_to_close,
-                schedule_to_close=command.schedule_to_close,
-                is_compensation=command.is_compensation,
-                idempotency_key=f"{run.workflow_id}/{run.run_id}/{command.activity_id}",
-                scheduled_at=now,
-                attempt_scheduled_at=now,
-                deadline_at=close_deadline,
-                attempt_failures=[],
+    def _close_children(self, session: Session, run: LockedRun) -> list[OutboxMessage]:
+        children = session.execute(
+            select(
+                workflow_runs.c.run_id,
+                workflow_runs.c.workflow_id,
+                workflow_runs.c.parent_close_policy,
+            ).where(
+                workflow_runs.c.parent_run_id == run.run_id,
+                workflow_runs.c.closed_at.is_(None),
             )
-        )
-        return messages.activity_task(
-            run_id=run.run_id,
-            workflow_id=run.workflow_id,
-            activity_id=command.activity_id,
-            activity_type=command.activity_type,
-            attempt=1,
-            queue=command.task_queue,
-        )
+        ).all()
+        return [
+            messages.run_control(
+                child_run_id,
+                child_workflow_id,
+                "terminate" if policy == ParentClosePolicy.TERMINATE.value else "cancel",
+                f"parent {run.workflow_id} closed",
+                self.settings.workflow_queue,
+            )
+            for child_run_id, child_workflow_id, policy in children
+            if policy != ParentClosePolicy.ABANDON.value
+        ]
 
-    def _after_result(self, session: Session, run: LockedRun) -> None:
+    def _notify_parent(
+        self, session: Session, run: LockedRun, status: RunStatus, changes: dict[str, Any]
+    ) -> list[OutboxMessage]:
+        parent = self._parent_of(session, run.run_id)
+        if parent is None:
+            return []
+        return [
+            messages.child_closed(
+                parent_run_id=parent.run_id,
+                child_id=parent.child_id,
+                child_run_id=run.run_id,
+                child_workflow_id=run.workflow_id,
+                status=status.value,
+                result=changes.get("result"),
+                failure=changes.get("failure"),
+                queue=self.settings.workflow_queue,
+            )
+        ]
+
+    def after_result(self, session: Session, run: LockedRun) -> None:
         """A result event was appended: advance here (fast path) or ask for a workflow task."""
         if not run.is_open:
             return
@@ -331,7 +495,7 @@ class Engine:
                 .values(
                     task_failure=failure.to_json(),
                     task_failures=workflow_runs.c.task_failures + 1,
-                    updated_at=utcnow(),
+                    updated_at=self.clock(),
                 )
             )
 
@@ -342,353 +506,125 @@ class Engine:
         for instance in instances:
             self.cache.put(instance)
 
-    # ---------------------------------------------------------------- cancelling
+    # ------------------------------------------------- events from outside a run
+    def _open_run(self, session: Session, run_id: str) -> LockedRun:
+        run = lock_run(session, run_id)
+        if run is None:
+            raise WorkflowNotFoundError(f"no run {run_id}")
+        if not run.is_open:
+            raise RunClosedError(f"run {run_id} is already {run.status.value}")
+        return run
+
     def request_cancel(self, run_id: str, reason: str = "") -> bool:
         """Ask a run to cancel; False if it was already asked. RunClosedError if closed."""
         with self.sessions() as session:
-            run = lock_run(session, run_id)
-            if run is None:
-                raise WorkflowNotFoundError(f"no run {run_id}")
-            if not run.is_open:
-                raise RunClosedError(f"run {run_id} is already {run.status.value}")
+            run = self._open_run(session, run_id)
             if run.cancel_requested:
                 return False
             run.cancel_requested = True
             run.changes["cancel_requested"] = True
             run.append(CancelRequested(reason=reason))
-            save_run(session, run, utcnow())
-            self._after_result(session, run)
+            save_run(session, run, self.clock())
+            self.after_result(session, run)
             self.commit(session)
         return True
 
-    # ------------------------------------------------------------ activity tasks
-    def activity_task(self, run_id: str, activity_id: str, attempt: int) -> None:
-        """Run one activity attempt, if it is still the current one, and record its outcome."""
-        claimed = self._claim_attempt(run_id, activity_id, attempt)
-        if claimed is None:
-            return
-        info, defn, payload = claimed
-        crash_point("activity.started")
+    def terminate(self, run_id: str, reason: str = "") -> None:
+        """Close a run at once, running none of its code (no compensation)."""
+        with self.sessions() as session:
+            run = self._open_run(session, run_id)
+            now = self.clock()
+            event = WorkflowTerminated(reason=reason)
+            run.append(event)
+            self._close(session, run, event, now)
+            run.processed_seq = run.history_length
+            run.changes["processed_seq"] = run.history_length
+            save_run(session, run, now)
+            session.commit()
+        dropped = self.cache.take(run_id)
+        if dropped is not None:
+            dropped.close()
 
-        def heartbeat(details: Any) -> None:
-            self._heartbeat(run_id, activity_id, attempt, details)
+    def signal(self, session: Session, run_id: str, name: str, payload: Any) -> None:
+        """Record a signal inside ``session`` (the caller commits through ``commit``)."""
+        run = self._open_run(session, run_id)
+        run.append(SignalReceived(name=name, input=payload))
+        save_run(session, run, self.clock())
+        self.after_result(session, run)
 
-        outcome = execute(
-            defn, info, payload, heartbeat=heartbeat, limit=self.settings.max_payload_bytes
-        )
-        crash_point("activity.executed")
-        self._finish_attempt(run_id, activity_id, attempt, outcome)
-
-    def _claim_attempt(
-        self, run_id: str, activity_id: str, attempt: int
-    ) -> tuple[ActivityInfo, ActivityDefinition, Any] | None:
-        now = utcnow()
-        with self.sessions.begin() as session:
-            row = (
-                session.execute(
-                    select(
-                        activity_tasks, workflow_runs.c.workflow_id, workflow_runs.c.workflow_type
-                    )
-                    .join(workflow_runs, workflow_runs.c.run_id == activity_tasks.c.run_id)
-                    .where(
-                        activity_tasks.c.run_id == run_id,
-                        activity_tasks.c.activity_id == activity_id,
-                    )
-                    .with_for_update(of=activity_tasks)
-                )
-                .mappings()
-                .first()
-            )
-            if row is None or row["attempt"] != attempt or row["status"] != "SCHEDULED":
-                log.info(
-                    "dropping stale activity message",
-                    extra={"run_id": run_id, "activity_id": activity_id, "attempt": attempt},
-                )
-                return None
-            defn = self.registry.activity(row["activity_type"])
-            deadline = now + timedelta(seconds=row["start_to_close"])
-            if row["schedule_to_close"]:
-                close = as_utc(row["scheduled_at"]) + timedelta(seconds=row["schedule_to_close"])
-                deadline = min(deadline, close)
-            session.execute(
-                update(activity_tasks)
-                .where(
-                    activity_tasks.c.run_id == run_id,
-                    activity_tasks.c.activity_id == activity_id,
-                )
-                .values(status="STARTED", started_at=now, deadline_at=deadline)
-            )
-        info = ActivityInfo(
-            activity_id=activity_id,
-            activity_type=row["activity_type"],
-            workflow_id=row["workflow_id"],
-            workflow_type=row["workflow_type"],
+    def query(self, run_id: str, name: str, payload: Any) -> Any:
+        """Replay a run's processed history in a private instance and ask it ``name``."""
+        with self.sessions() as session:
+            row = session.execute(
+                select(
+                    workflow_runs.c.workflow_id,
+                    workflow_runs.c.workflow_type,
+                    workflow_runs.c.processed_seq,
+                ).where(workflow_runs.c.run_id == run_id)
+            ).first()
+            if row is None:
+                raise WorkflowNotFoundError(f"no run {run_id}")
+            workflow_id, workflow_type, processed_seq = row
+            history = [e for e in load_history(session, run_id) if e.seq <= processed_seq]
+        instance = WorkflowInstance(
+            self.registry.workflow(workflow_type),
             run_id=run_id,
-            attempt=attempt,
-            idempotency_key=row["idempotency_key"],
-            task_queue=row["task_queue"],
-            scheduled_at=as_utc(row["scheduled_at"]),
-            started_at=now,
-            deadline=deadline,
-            heartbeat_details=row["heartbeat_details"],
-            is_compensation=bool(row["is_compensation"]),
+            workflow_id=workflow_id,
+            defaults=self._defaults,
         )
-        return info, defn, row["input"]
+        try:
+            instance.advance(history, processed_seq)
+            return instance.query(name, payload)
+        finally:
+            instance.close()
 
-    def _heartbeat(self, run_id: str, activity_id: str, attempt: int, details: Any) -> None:
-        with self.sessions.begin() as session:
-            session.execute(
-                update(activity_tasks)
-                .where(
-                    activity_tasks.c.run_id == run_id,
-                    activity_tasks.c.activity_id == activity_id,
-                    activity_tasks.c.attempt == attempt,
-                )
-                .values(heartbeat_details=details)
-            )
-
-    def _finish_attempt(
-        self, run_id: str, activity_id: str, attempt: int, outcome: Outcome
+    def child_closed(
+        self,
+        *,
+        parent_run_id: str,
+        child_id: str,
+        child_run_id: str,
+        child_workflow_id: str,
+        status: str,
+        result: Any,
+        failure: Any,
     ) -> None:
+        """Deliver a child's outcome to its parent, once."""
         with self.sessions() as session:
-            run = lock_run(session, run_id)
-            row = self._activity_row(session, run_id, activity_id)
-            if (
-                run is None
-                or row is None
-                or row["attempt"] != attempt
-                or row["status"] != "STARTED"
-            ):
-                log.info(
-                    "activity outcome arrived for an attempt that is no longer current",
-                    extra={"run_id": run_id, "activity_id": activity_id, "attempt": attempt},
-                )
+            run = lock_run(session, parent_run_id)
+            if run is None or not run.is_open:
                 return
-            now = utcnow()
-            if outcome.failure is None:
-                self._set_activity(session, run_id, activity_id, status="COMPLETED", closed_at=now)
-                run.append(
-                    ActivityCompleted(
-                        activity_id=activity_id,
-                        activity_type=row["activity_type"],
-                        attempt=attempt,
-                        result=outcome.result,
-                    )
+            # The flag on the child row makes a redelivered outcome a no-op.
+            claimed = session.execute(  # type: ignore[attr-defined]
+                update(workflow_runs)
+                .where(
+                    workflow_runs.c.run_id == child_run_id,
+                    workflow_runs.c.parent_notified.is_(False),
                 )
-                appended = True
+                .values(parent_notified=True)
+            ).rowcount
+            if not claimed:
+                return
+            run.append(
+                ChildWorkflowClosed(
+                    child_id=child_id,
+                    workflow_id=child_workflow_id,
+                    run_id=child_run_id,
+                    status=status,
+                    result=result,
+                    failure=failure,
+                )
+            )
+            save_run(session, run, self.clock())
+            self.after_result(session, run)
+            self.commit(session)
+
+    def run_control(self, run_id: str, action: str, reason: str) -> None:
+        """Terminate or cancel a run on another run's behalf (a parent closing)."""
+        try:
+            if action == "terminate":
+                self.terminate(run_id, reason)
             else:
-                appended = self._attempt_failed(session, run, row, outcome.failure, now)
-            save_run(session, run, now)
-            if appended:
-                self._after_result(session, run)
-            self.commit(session)
-
-    @staticmethod
-    def _activity_row(session: Session, run_id: str, activity_id: str) -> Any:
-        return (
-            session.execute(
-                select(activity_tasks).where(
-                    activity_tasks.c.run_id == run_id,
-                    activity_tasks.c.activity_id == activity_id,
-                )
-            )
-            .mappings()
-            .first()
-        )
-
-    @staticmethod
-    def _set_activity(session: Session, run_id: str, activity_id: str, **values: Any) -> None:
-        session.execute(
-            update(activity_tasks)
-            .where(activity_tasks.c.run_id == run_id, activity_tasks.c.activity_id == activity_id)
-            .values(**values)
-        )
-
-    def _attempt_failed(
-        self, session: Session, run: LockedRun, row: Any, failure: Failure, now: datetime
-    ) -> bool:
-        """Schedule a durable retry or fail the activity for good; True if an event was appended."""
-        attempt = row["attempt"]
-        policy = RetryPolicy.from_json(row["retry_policy"])
-        failures = [
-            *list(row["attempt_failures"] or [])[-(_KEEP_ATTEMPT_FAILURES - 1) :],
-            {"attempt": attempt, "at": now.isoformat(), "failure": failure.to_json()},
-        ]
-        delay = policy.delay_after(attempt)
-        close_deadline = (
-            as_utc(row["scheduled_at"]) + timedelta(seconds=row["schedule_to_close"])
-            if row["schedule_to_close"]
-            else None
-        )
-        retry = policy.should_retry(attempt, failure) and (
-            close_deadline is None or now + delay < close_deadline
-        )
-        log.warning(
-            "activity attempt failed: %s: %s%s",
-            failure.type,
-            failure.message,
-            f"; retry in {delay.total_seconds():g}s" if retry else "; no more retries",
-            extra={
-                "workflow_id": run.workflow_id,
-                "run_id": run.run_id,
-                "activity": row["activity_type"],
-                "attempt": attempt,
-            },
-        )
-        if retry:
-            self._set_activity(
-                session,
-                run.run_id,
-                row["activity_id"],
-                status="BACKOFF",
-                deadline_at=None,
-                last_failure=failure.to_json(),
-                attempt_failures=failures,
-            )
-            session.execute(
-                insert(timers).values(
-                    run_id=run.run_id,
-                    kind=ACTIVITY_RETRY,
-                    ref=row["activity_id"],
-                    attempt=attempt + 1,
-                    fire_at=now + delay,
-                )
-            )
-            return False
-        self._set_activity(
-            session,
-            run.run_id,
-            row["activity_id"],
-            status="FAILED",
-            deadline_at=None,
-            closed_at=now,
-            last_failure=failure.to_json(),
-            attempt_failures=failures,
-        )
-        run.append(
-            ActivityFailed(
-                activity_id=row["activity_id"],
-                activity_type=row["activity_type"],
-                attempt=attempt,
-                failure=failure.to_json(),
-            )
-        )
-        return True
-
-    # -------------------------------------------------- timers and deadlines
-    def fire_due(self, limit: int = 100) -> int:
-        """Fire due retry timers and expire activities past their deadline.
-
-        Safe to run in several processes at once: each item is handled under its
-        run's lock, taken with SKIP LOCKED, and re-checked before it acts.
-        """
-        now = utcnow()
-        with self.sessions() as session:
-            due_timers = session.execute(
-                select(timers.c.id, timers.c.run_id)
-                .where(timers.c.fire_at <= now)
-                .order_by(timers.c.fire_at)
-                .limit(limit)
-            ).all()
-            expired = session.execute(
-                select(activity_tasks.c.run_id, activity_tasks.c.activity_id)
-                .where(activity_tasks.c.deadline_at <= now)
-                .order_by(activity_tasks.c.deadline_at)
-                .limit(limit)
-            ).all()
-        done = 0
-        for timer_id, run_id in due_timers:
-            done += self._fire_timer(timer_id, run_id)
-        for run_id, activity_id in expired:
-            done += self._expire_activity(run_id, activity_id)
-        return done
-
-    def _fire_timer(self, timer_id: int, run_id: str) -> int:
-        with self.sessions() as session:
-            run = lock_run(session, run_id, skip_locked=True)
-            if run is None:
-                return 0
-            timer = (
-                session.execute(select(timers).where(timers.c.id == timer_id)).mappings().first()
-            )
-            if timer is None:
-                return 0
-            session.execute(delete(timers).where(timers.c.id == timer_id))
-            row = self._activity_row(session, run_id, timer["ref"])
-            fired = 0
-            if (
-                timer["kind"] == ACTIVITY_RETRY
-                and row is not None
-                and row["status"] == "BACKOFF"
-                and row["attempt"] + 1 == timer["attempt"]
-                and run.is_open
-            ):
-                now = utcnow()
-                close_deadline = (
-                    as_utc(row["scheduled_at"]) + timedelta(seconds=row["schedule_to_close"])
-                    if row["schedule_to_close"]
-                    else None
-                )
-                self._set_activity(
-                    session,
-                    run_id,
-                    row["activity_id"],
-                    status="SCHEDULED",
-                    attempt=timer["attempt"],
-                    attempt_scheduled_at=now,
-                    started_at=None,
-                    deadline_at=close_deadline,
-                )
-                self.outbox.add(
-                    session,
-                    [
-                        messages.activity_task(
-                            run_id=run_id,
-                            workflow_id=run.workflow_id,
-                            activity_id=row["activity_id"],
-                            activity_type=row["activity_type"],
-                            attempt=timer["attempt"],
-                            queue=row["task_queue"],
-                        )
-                    ],
-                )
-                fired = 1
-            self.commit(session)
-            return fired
-
-    def _expire_activity(self, run_id: str, activity_id: str) -> int:
-        with self.sessions() as session:
-            run = lock_run(session, run_id, skip_locked=True)
-            if run is None:
-                return 0
-            row = self._activity_row(session, run_id, activity_id)
-            now = utcnow()
-            if (
-                row is None
-                or row["deadline_at"] is None
-                or as_utc(row["deadline_at"]) > now
-                or row["status"] not in ("SCHEDULED", "STARTED")
-            ):
-                return 0
-            closing = row["schedule_to_close"] and now >= as_utc(row["scheduled_at"]) + timedelta(
-                seconds=row["schedule_to_close"]
-            )
-            if closing:
-                failure = Failure(
-                    type="ActivityTimeout",
-                    message=f"schedule-to-close timeout of {row['schedule_to_close']:g}s "
-                    f"exceeded on attempt {row['attempt']}",
-                    non_retryable=True,
-                )
-            else:
-                failure = Failure(
-                    type="ActivityTimeout",
-                    message=f"start-to-close timeout of {row['start_to_close']:g}s "
-                    f"exceeded on attempt {row['attempt']}",
-                )
-            appended = self._attempt_failed(session, run, row, failure, now)
-            save_run(session, run, now)
-            if appended:
-                self._after_result(session, run)
-            self.commit(session)
-            return 1
+                self.request_cancel(run_id, reason)
+        except (RunClosedError, WorkflowNotFoundError):
+            return

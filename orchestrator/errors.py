@@ -106,3 +106,38 @@ def failure_of(data: Any) -> Failure | None:
 
 class InvalidWorkflowIdError(OrchestratorError, ValueError):
     """A workflow id must be a non-empty string of at most 255 characters."""
+
+
+class UnknownSignalError(OrchestratorError, LookupError):
+    """The workflow has no signal or query handler of that name."""
+
+
+class PendingLimitError(OrchestratorError):
+    """A run asked for more pending activities and children than it may have."""
+
+
+class HistoryLimitError(OrchestratorError):
+    """A run's history grew past the hard limit; use ``workflow.continue_as_new``."""
+
+
+class ChildWorkflowError(OrchestratorError):
+    """Raised in a parent when a child run did not complete."""
+
+    def __init__(self, *, workflow_id: str, status: str, failure: Failure | None) -> None:
+        cause = f": {failure.type}: {failure.message}" if failure else ""
+        super().__init__(f"child workflow {workflow_id} ended {status}{cause}")
+        self.workflow_id = workflow_id
+        self.status = status
+        self.failure = failure
+
+
+class ContinueAsNew(BaseException):
+    """Control-flow signal raised by ``workflow.continue_as_new``; never catch it.
+
+    It derives from BaseException so that ``except Exception`` in workflow code
+    does not swallow it.
+    """
+
+    def __init__(self, input: Any) -> None:
+        super().__init__("continue as new")
+        self.input = input

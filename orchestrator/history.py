@@ -44,6 +44,7 @@ class ActivityScheduled(HistoryEvent):
     retry_policy: dict[str, Any]
     start_to_close: float
     schedule_to_close: float | None = None
+    heartbeat_timeout: float | None = None
     is_compensation: bool = False
 
     def describe(self) -> str:
@@ -70,6 +71,72 @@ class ActivityFailed(HistoryEvent):
 class CancelRequested(HistoryEvent):
     TYPE: ClassVar[str] = "CancelRequested"
     reason: str = ""
+
+
+class TimerStarted(HistoryEvent):
+    """A durable timer (``workflow.sleep``, ``asyncio.sleep``, a wait's timeout)."""
+
+    TYPE: ClassVar[str] = "TimerStarted"
+    IS_COMMAND: ClassVar[bool] = True
+    timer_id: str
+    seconds: float
+
+    def describe(self) -> str:
+        return f"{self.TYPE}(timer {self.timer_id}, {self.seconds:g}s)"
+
+
+class TimerCancelled(HistoryEvent):
+    TYPE: ClassVar[str] = "TimerCancelled"
+    IS_COMMAND: ClassVar[bool] = True
+    timer_id: str
+
+    def describe(self) -> str:
+        return f"{self.TYPE}(timer {self.timer_id})"
+
+
+class TimerFired(HistoryEvent):
+    TYPE: ClassVar[str] = "TimerFired"
+    timer_id: str
+
+
+class SignalReceived(HistoryEvent):
+    TYPE: ClassVar[str] = "SignalReceived"
+    name: str
+    input: Any = None
+
+
+class MarkerRecorded(HistoryEvent):
+    """A patch marker: the run took the new branch of ``workflow.patched(patch_id)``."""
+
+    TYPE: ClassVar[str] = "MarkerRecorded"
+    IS_COMMAND: ClassVar[bool] = True
+    patch_id: str
+
+    def describe(self) -> str:
+        return f"{self.TYPE}(patch {self.patch_id})"
+
+
+class ChildWorkflowScheduled(HistoryEvent):
+    TYPE: ClassVar[str] = "ChildWorkflowScheduled"
+    IS_COMMAND: ClassVar[bool] = True
+    child_id: str
+    workflow_type: str
+    workflow_id: str
+    input: Any = None
+    parent_close_policy: str
+
+    def describe(self) -> str:
+        return f"{self.TYPE}(child {self.workflow_type}, id {self.child_id})"
+
+
+class ChildWorkflowClosed(HistoryEvent):
+    TYPE: ClassVar[str] = "ChildWorkflowClosed"
+    child_id: str
+    workflow_id: str
+    run_id: str | None = None
+    status: str
+    result: Any = None
+    failure: dict[str, Any] | None = None
 
 
 class WorkflowCompleted(HistoryEvent):
@@ -99,6 +166,22 @@ class WorkflowCancelled(HistoryEvent):
     compensations: int = 0
 
 
+class WorkflowContinuedAsNew(HistoryEvent):
+    """The run closed and handed over to a fresh run of the same workflow id."""
+
+    TYPE: ClassVar[str] = "WorkflowContinuedAsNew"
+    IS_COMMAND: ClassVar[bool] = True
+    input: Any = None
+    new_run_id: str | None = None
+
+
+class WorkflowTerminated(HistoryEvent):
+    """Stopped from outside, without running any more workflow code."""
+
+    TYPE: ClassVar[str] = "WorkflowTerminated"
+    reason: str = ""
+
+
 EVENT_TYPES: dict[str, type[HistoryEvent]] = {
     cls.TYPE: cls
     for cls in (
@@ -111,6 +194,15 @@ EVENT_TYPES: dict[str, type[HistoryEvent]] = {
         WorkflowFailed,
         WorkflowCompensated,
         WorkflowCancelled,
+        TimerStarted,
+        TimerCancelled,
+        TimerFired,
+        SignalReceived,
+        MarkerRecorded,
+        ChildWorkflowScheduled,
+        ChildWorkflowClosed,
+        WorkflowContinuedAsNew,
+        WorkflowTerminated,
     )
 }
 
@@ -119,6 +211,8 @@ CLOSING_EVENTS: dict[str, str] = {
     WorkflowFailed.TYPE: "FAILED",
     WorkflowCompensated.TYPE: "COMPENSATED",
     WorkflowCancelled.TYPE: "CANCELLED",
+    WorkflowContinuedAsNew.TYPE: "CONTINUED_AS_NEW",
+    WorkflowTerminated.TYPE: "TERMINATED",
 }
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,19 +23,36 @@ from activities.errors import ApplicationError
 from activities.failure import Failure
 from activities.payload import from_payload, to_payload
 from orchestrator.definition import WorkflowDefinition
-from orchestrator.errors import ActivityError, NondeterminismError
+from orchestrator.errors import (
+    ActivityError,
+    ChildWorkflowError,
+    ContinueAsNew,
+    NondeterminismError,
+    PendingLimitError,
+    UnknownSignalError,
+)
 from orchestrator.history import (
+    CLOSING_EVENTS,
     ActivityCompleted,
     ActivityFailed,
     ActivityScheduled,
     CancelRequested,
+    ChildWorkflowClosed,
+    ChildWorkflowScheduled,
     HistoryEvent,
+    MarkerRecorded,
     RecordedEvent,
+    SignalReceived,
+    TimerCancelled,
+    TimerFired,
+    TimerStarted,
     WorkflowCancelled,
     WorkflowCompensated,
     WorkflowCompleted,
+    WorkflowContinuedAsNew,
     WorkflowFailed,
     WorkflowStarted,
+    WorkflowTerminated,
 )
 from orchestrator.loop import DeterministicLoop
 
@@ -48,14 +66,49 @@ class WorkflowInfo:
     workflow_type: str
     history_length: int
     is_replaying: bool
+    continue_as_new_suggested: bool
 
 
 @dataclass(frozen=True)
 class ActivityDefaults:
-    """Engine-wide defaults the instance applies to activity commands."""
+    """Engine-wide settings the instance applies to the commands it issues."""
 
     start_to_close: float
     max_payload_bytes: int
+    max_pending: int = 2000
+    history_warn_events: int = 10_240
+
+
+class _DurableTimer(asyncio.TimerHandle):
+    """A timer handle whose cancellation is recorded in the history."""
+
+    def __init__(
+        self,
+        instance: WorkflowInstance,
+        timer_id: str,
+        *,
+        when: float,
+        callback: Callable[..., object],
+        args: Sequence[Any],
+        context: contextvars.Context | None,
+    ) -> None:
+        super().__init__(when, callback, args, instance.loop, context)
+        self.timer_id = timer_id
+        self._instance = instance
+        self._fire_callback = callback
+        self._fire_args = tuple(args)
+        self._fire_context = context
+
+    def cancel(self) -> None:
+        if not self.cancelled():
+            self._instance.timer_cancelled(self.timer_id)
+        super().cancel()
+
+    def fire(self) -> None:
+        if not self.cancelled():
+            self._instance.loop.call_soon(
+                self._fire_callback, *self._fire_args, context=self._fire_context
+            )
 
 
 class WorkflowInstance:
@@ -84,8 +137,14 @@ class WorkflowInstance:
         self.saga_compensated = False
         self._pending: deque[HistoryEvent] = deque()
         self._activities: dict[str, asyncio.Future[Any]] = {}
-        self._next_activity = 0
+        self._children: dict[str, asyncio.Future[Any]] = {}
+        self._timers: dict[str, _DurableTimer] = {}
+        self._conditions: list[tuple[Callable[[], bool], asyncio.Future[bool]]] = []
+        self._counters: dict[str, int] = {}
+        self._history_markers: set[str] = set()
+        self._patches: dict[str, bool] = {}
         self._main: asyncio.Task[None] | None = None
+        self._closing_issued = False
         self._obj: Any = None
 
     # -- used by the workflow API ------------------------------------------------
@@ -96,25 +155,100 @@ class WorkflowInstance:
             workflow_type=self.defn.name,
             history_length=self.applied_seq,
             is_replaying=self.is_replaying,
+            continue_as_new_suggested=self.applied_seq >= self.defaults.history_warn_events,
         )
 
+    def next_id(self, kind: str) -> str:
+        """The next id of a kind of command; activities use bare numbers."""
+        self._counters[kind] = self._counters.get(kind, 0) + 1
+        number = self._counters[kind]
+        return str(number) if kind == "activity" else f"{kind[0]}{number}"
+
+    def next_activity_id(self) -> str:
+        return self.next_id("activity")
+
+    def _check_pending_limit(self) -> None:
+        if len(self._activities) + len(self._children) >= self.defaults.max_pending:
+            raise PendingLimitError(
+                f"run {self.run_id} already has {self.defaults.max_pending} pending "
+                "activities and child workflows; wait for some before starting more"
+            )
+
     def schedule_activity(self, command: ActivityScheduled) -> asyncio.Future[Any]:
+        self._check_pending_limit()
         future = self.loop.create_future()
         self._activities[command.activity_id] = future
         self._pending.append(command)
         return future
 
-    def next_activity_id(self) -> str:
-        self._next_activity += 1
-        return str(self._next_activity)
+    def start_child(self, command: ChildWorkflowScheduled) -> asyncio.Future[Any]:
+        self._check_pending_limit()
+        future = self.loop.create_future()
+        self._children[command.child_id] = future
+        self._pending.append(command)
+        return future
+
+    def start_timer(
+        self,
+        delay: float,
+        callback: Callable[..., object],
+        args: Sequence[Any],
+        context: contextvars.Context | None,
+    ) -> asyncio.TimerHandle:
+        timer_id = self.next_id("timer")
+        seconds = max(float(delay), 0.0)
+        handle = _DurableTimer(
+            self,
+            timer_id,
+            when=self.loop.time() + seconds,
+            callback=callback,
+            args=args,
+            context=context,
+        )
+        self._timers[timer_id] = handle
+        self._pending.append(TimerStarted(timer_id=timer_id, seconds=seconds))
+        return handle
+
+    def timer_cancelled(self, timer_id: str) -> None:
+        if self._timers.pop(timer_id, None) is not None:
+            self._pending.append(TimerCancelled(timer_id=timer_id))
+
+    def wait_condition(self, predicate: Callable[[], bool]) -> asyncio.Future[bool]:
+        future = self.loop.create_future()
+        self._conditions.append((predicate, future))
+        return future
+
+    def patched(self, patch_id: str, *, deprecated: bool = False) -> bool:
+        """See ``workflow.patched``: new code records a marker, old histories lack it."""
+        if patch_id in self._patches:
+            return self._patches[patch_id]
+        if patch_id in self._history_markers or (not self.is_replaying and not deprecated):
+            self._pending.append(MarkerRecorded(patch_id=patch_id))
+            taken = True
+        else:
+            taken = deprecated
+        self._patches[patch_id] = taken
+        return taken
+
+    def query(self, name: str, arg: Any) -> Any:
+        handler = self.defn.queries.get(name)
+        if handler is None:
+            raise UnknownSignalError(f"workflow {self.defn.name} has no query {name!r}")
+        method = getattr(self._obj, handler.method)
+        value = from_payload(arg, handler.input_type) if handler.takes_input else None
+        result = self.loop.call_in_loop(lambda: method(value) if handler.takes_input else method())
+        return to_payload(result, handler.output_type, limit=self.defaults.max_payload_bytes)
 
     # -- driven by the engine -------------------------------------------------------
     def advance(self, events: Sequence[RecordedEvent], processed_seq: int) -> list[HistoryEvent]:
         """Apply ``events`` (the next ones after ``applied_seq``); return new commands.
 
         Events up to ``processed_seq`` were seen by an earlier workflow task, so the
-        code is replaying them (the logger stays quiet).
+        code is replaying them (the logger stays quiet, ``patched`` looks at history).
         """
+        self._history_markers.update(
+            e.event.patch_id for e in events if isinstance(e.event, MarkerRecorded)
+        )
         for recorded in events:
             if recorded.seq != self.applied_seq + 1:
                 raise RuntimeError(
@@ -128,16 +262,16 @@ class WorkflowInstance:
                 self._match(recorded.seq, event)
             else:
                 self._apply(event)
-                self.loop.run_until_idle(self.now.timestamp())
+                self.loop.run_until_idle(self.now.timestamp(), self._check_conditions)
             self.applied_seq = recorded.seq
         self.is_replaying = False
         return list(self._pending)
 
     def recorded(self, commands: int) -> None:
-        """The engine appended the last ``commands`` new commands to the history."""
+        """The engine appended the first ``commands`` pending commands to the history."""
         for _ in range(commands):
             event = self._pending.popleft()
-            if event.TYPE in _CLOSING:
+            if event.TYPE in CLOSING_EVENTS:
                 self.closed = True
         self.applied_seq += commands
 
@@ -161,7 +295,7 @@ class WorkflowInstance:
             raise NondeterminismError(
                 run_id=self.run_id, seq=seq, recorded=recorded.describe(), issued=issued.describe()
             )
-        if issued.TYPE in _CLOSING:
+        if issued.TYPE in CLOSING_EVENTS:
             self.closed = True
 
     def _apply(self, event: HistoryEvent) -> None:
@@ -170,29 +304,98 @@ class WorkflowInstance:
             self._obj = self.defn.cls()
             self._main = self.loop.create_task(self._run_main(event.input), name="workflow")
         elif isinstance(event, ActivityCompleted):
-            future = self._activities.pop(event.activity_id, None)
-            if future is not None and not future.done():
-                future.set_result(event.result)
+            self._resolve(self._activities, event.activity_id, result=event.result)
         elif isinstance(event, ActivityFailed):
-            future = self._activities.pop(event.activity_id, None)
-            if future is not None and not future.done():
-                failure = Failure.from_json(event.failure)
-                error = ActivityError(
-                    activity_type=event.activity_type,
-                    activity_id=event.activity_id,
-                    failure=failure,
+            failure = Failure.from_json(event.failure)
+            error = ActivityError(
+                activity_type=event.activity_type, activity_id=event.activity_id, failure=failure
+            )
+            error.__cause__ = ApplicationError(
+                failure.message,
+                type=failure.type,
+                non_retryable=failure.non_retryable,
+                details=failure.details,
+            )
+            self._resolve(self._activities, event.activity_id, error=error)
+        elif isinstance(event, TimerFired):
+            timer = self._timers.pop(event.timer_id, None)
+            if timer is not None:
+                timer.fire()
+        elif isinstance(event, SignalReceived):
+            self._deliver_signal(event)
+        elif isinstance(event, ChildWorkflowClosed):
+            if event.status == "COMPLETED":
+                self._resolve(self._children, event.child_id, result=event.result)
+            else:
+                self._resolve(
+                    self._children,
+                    event.child_id,
+                    error=ChildWorkflowError(
+                        workflow_id=event.workflow_id,
+                        status=event.status,
+                        failure=Failure.from_json(event.failure) if event.failure else None,
+                    ),
                 )
-                error.__cause__ = ApplicationError(
-                    failure.message,
-                    type=failure.type,
-                    non_retryable=failure.non_retryable,
-                    details=failure.details,
-                )
-                future.set_exception(error)
-        elif (
-            isinstance(event, CancelRequested) and self._main is not None and not self._main.done()
-        ):
-            self._main.cancel(event.reason or "cancel requested")
+        elif isinstance(event, CancelRequested):
+            if self._main is not None and not self._main.done():
+                self._main.cancel(event.reason or "cancel requested")
+        elif isinstance(event, WorkflowTerminated):
+            self.closed = True
+            self._closing_issued = True
+
+    @staticmethod
+    def _resolve(
+        futures: dict[str, asyncio.Future[Any]],
+        key: str,
+        *,
+        result: Any = None,
+        error: BaseException | None = None,
+    ) -> None:
+        future = futures.pop(key, None)
+        if future is None or future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def _deliver_signal(self, event: SignalReceived) -> None:
+        handler = self.defn.signals.get(event.name)
+        if handler is None:
+            return  # refused at the client; a renamed handler ignores old signals
+        method = getattr(self._obj, handler.method)
+
+        async def run() -> None:
+            try:
+                value = from_payload(event.input, handler.input_type)
+                outcome = method(value) if handler.takes_input else method()
+                if asyncio.iscoroutine(outcome):
+                    await outcome
+            except Exception as exc:
+                # A broken signal handler fails the run, as the main code would.
+                self._issue_closing(WorkflowFailed(failure=Failure.from_exception(exc).to_json()))
+                if self._main is not None and not self._main.done():
+                    self._main.cancel()
+
+        self.loop.create_task(run(), name=f"signal {event.name}")
+
+    def _check_conditions(self) -> bool:
+        progressed = False
+        for entry in list(self._conditions):
+            predicate, future = entry
+            if future.done():
+                self._conditions.remove(entry)
+                continue
+            if predicate():
+                self._conditions.remove(entry)
+                future.set_result(True)
+                progressed = True
+        return progressed
+
+    def _issue_closing(self, command: HistoryEvent) -> None:
+        if not self._closing_issued:
+            self._closing_issued = True
+            self._pending.append(command)
 
     async def _run_main(self, payload: Any) -> None:
         method = getattr(self._obj, self.defn.run_method)
@@ -205,6 +408,8 @@ class WorkflowInstance:
             command: HistoryEvent = WorkflowCompleted(
                 result=to_payload(result, self.defn.output_type, limit=limit)
             )
+        except ContinueAsNew as request:
+            command = WorkflowContinuedAsNew(input=request.input)
         except asyncio.CancelledError:
             command = WorkflowCancelled(compensations=self.compensations_run)
         except Exception as exc:
@@ -223,15 +428,7 @@ class WorkflowInstance:
                         }
                     )
                 command = WorkflowFailed(failure=failure.to_json())
-        self._pending.append(command)
-
-
-_CLOSING = {
-    WorkflowCompleted.TYPE,
-    WorkflowFailed.TYPE,
-    WorkflowCompensated.TYPE,
-    WorkflowCancelled.TYPE,
-}
+        self._issue_closing(command)
 
 
 def _same_command(recorded: HistoryEvent, issued: HistoryEvent) -> bool:
@@ -242,6 +439,16 @@ def _same_command(recorded: HistoryEvent, issued: HistoryEvent) -> bool:
             recorded.activity_id == issued.activity_id
             and recorded.activity_type == issued.activity_type
             and recorded.is_compensation == issued.is_compensation
+        )
+    if isinstance(recorded, TimerStarted | TimerCancelled) and isinstance(
+        issued, TimerStarted | TimerCancelled
+    ):
+        return recorded.timer_id == issued.timer_id
+    if isinstance(recorded, MarkerRecorded) and isinstance(issued, MarkerRecorded):
+        return recorded.patch_id == issued.patch_id
+    if isinstance(recorded, ChildWorkflowScheduled) and isinstance(issued, ChildWorkflowScheduled):
+        return recorded.child_id == issued.child_id and (
+            recorded.workflow_type == issued.workflow_type
         )
     return True
 

@@ -3,8 +3,9 @@
 Workflow code runs as ordinary asyncio tasks, so ``asyncio.gather`` and friends
 work, but on this loop: callbacks run in the order they were scheduled, time is
 whatever the history says, and anything that would reach the outside world
-(sockets, threads, subprocesses, wall-clock timers) is refused: asyncio's base
-class raises NotImplementedError for I/O, and timers raise WorkflowSandboxError. The same history
+(sockets, threads, subprocesses) is refused: asyncio's base class raises
+NotImplementedError for I/O. Timers are handed to the workflow instance, which
+turns them into durable timers in the history. The same history
 therefore always drives the code through the same steps.
 """
 
@@ -63,10 +64,13 @@ class DeterministicLoop(asyncio.AbstractEventLoop):
         *args: Any,
         context: contextvars.Context | None = None,
     ) -> asyncio.TimerHandle:
-        raise WorkflowSandboxError(
-            "asyncio.sleep and wall-clock timers are not available in workflow code; "
-            "put waits in activities"
-        )
+        # asyncio.sleep, wait_for and friends end up here: each becomes a durable
+        # timer recorded in the history.
+        start_timer = getattr(self.owner, "start_timer", None)
+        if start_timer is None:
+            raise WorkflowSandboxError("timers need a running workflow")
+        handle: asyncio.TimerHandle = start_timer(delay, callback, args, context)
+        return handle
 
     def call_at(  # type: ignore[override]
         self,
@@ -76,6 +80,10 @@ class DeterministicLoop(asyncio.AbstractEventLoop):
         context: contextvars.Context | None = None,
     ) -> asyncio.TimerHandle:
         return self.call_later(when - self._time, callback, *args, context=context)
+
+    def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
+        # The instance records the cancellation; there is no timer heap to clean.
+        pass
 
     def create_future(self) -> asyncio.Future[Any]:
         return asyncio.Future(loop=self)
@@ -105,6 +113,15 @@ class DeterministicLoop(asyncio.AbstractEventLoop):
         self._closed = True
         self._ready.clear()
 
+    def call_in_loop(self, fn: Callable[[], Any]) -> Any:
+        """Call ``fn`` with this loop as the running one (queries read workflow state)."""
+        previous = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(self)
+        try:
+            return fn()
+        finally:
+            asyncio.events._set_running_loop(previous)
+
     def call_exception_handler(self, context: dict[str, Any]) -> None:
         # A task that died with an error nobody awaited: keep it for the report
         # instead of letting asyncio print it from a garbage collector callback.
@@ -115,17 +132,24 @@ class DeterministicLoop(asyncio.AbstractEventLoop):
         self.call_exception_handler(context)
 
     # -- driving -------------------------------------------------------------------
-    def run_until_idle(self, now: float) -> None:
-        """Run every ready callback, and those they schedule, until none is left."""
+    def run_until_idle(self, now: float, on_idle: Callable[[], bool] | None = None) -> None:
+        """Run every ready callback, and those they schedule, until none is left.
+
+        ``on_idle`` is called whenever the queue runs dry; returning True means it
+        scheduled more work (a wait condition came true), so the loop goes on.
+        """
         self._time = now
         previous = asyncio.events._get_running_loop()
         asyncio.events._set_running_loop(self)
         self._running = True
         try:
-            while self._ready:
-                handle = self._ready.popleft()
-                if not handle.cancelled():
-                    handle._run()
+            while True:
+                while self._ready:
+                    handle = self._ready.popleft()
+                    if not handle.cancelled():
+                        handle._run()
+                if on_idle is None or not on_idle():
+                    break
         finally:
             self._running = False
             asyncio.events._set_running_loop(previous)

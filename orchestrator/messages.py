@@ -13,6 +13,8 @@ from outbox.message import OutboxMessage
 
 WORKFLOW_TASK = "orchestrator.workflow_task"
 START_WORKFLOW = "orchestrator.start_workflow"
+CHILD_CLOSED = "orchestrator.child_closed"
+RUN_CONTROL = "orchestrator.run_control"
 
 
 def workflow_task(run_id: str, workflow_id: str, queue: str) -> OutboxMessage:
@@ -23,6 +25,48 @@ def workflow_task(run_id: str, workflow_id: str, queue: str) -> OutboxMessage:
         aggregate_id=workflow_id,
         body={"run_id": run_id},
         headers={"workflow_id": workflow_id},
+    )
+
+
+def child_closed(
+    *,
+    parent_run_id: str,
+    child_id: str,
+    child_run_id: str,
+    child_workflow_id: str,
+    status: str,
+    result: Any,
+    failure: Any,
+    queue: str,
+) -> OutboxMessage:
+    """A child run closed: its outcome, for the parent's history."""
+    return OutboxMessage(
+        kind="task",
+        destination=CHILD_CLOSED,
+        queue=queue,
+        aggregate_id=child_workflow_id,
+        body={
+            "parent_run_id": parent_run_id,
+            "child_id": child_id,
+            "child_run_id": child_run_id,
+            "child_workflow_id": child_workflow_id,
+            "status": status,
+            "result": result,
+            "failure": failure,
+        },
+    )
+
+
+def run_control(
+    run_id: str, workflow_id: str, action: str, reason: str, queue: str
+) -> OutboxMessage:
+    """Terminate or cancel another run (a parent's close policy acting on its children)."""
+    return OutboxMessage(
+        kind="task",
+        destination=RUN_CONTROL,
+        queue=queue,
+        aggregate_id=workflow_id,
+        body={"run_id": run_id, "action": action, "reason": reason},
     )
 
 

@@ -13,6 +13,8 @@ class RunStatus(StrEnum):
     FAILED = "FAILED"
     COMPENSATED = "COMPENSATED"
     CANCELLED = "CANCELLED"
+    TERMINATED = "TERMINATED"
+    CONTINUED_AS_NEW = "CONTINUED_AS_NEW"
 
     @property
     def is_closed(self) -> bool:
@@ -40,3 +42,15 @@ class IdConflictPolicy(StrEnum):
 
     FAIL = "FAIL"
     USE_EXISTING = "USE_EXISTING"
+
+
+class ParentClosePolicy(StrEnum):
+    """What happens to a child run still open when its parent closes.
+
+    ``TERMINATE`` (the default) stops it; ``REQUEST_CANCEL`` asks it to cancel (it
+    may compensate); ``ABANDON`` lets it run on.
+    """
+
+    TERMINATE = "TERMINATE"
+    REQUEST_CANCEL = "REQUEST_CANCEL"
+    ABANDON = "ABANDON"

@@ -51,6 +51,11 @@ workflow_runs = Table(
     # recorded outside the history, which stays untouched.
     Column("task_failure", JSON, nullable=True),
     Column("task_failures", Integer, nullable=False, server_default=text("0")),
+    # A child run reports its outcome to its parent's history once.
+    Column("parent_run_id", String(36), nullable=True),
+    Column("parent_child_id", String(32), nullable=True),
+    Column("parent_close_policy", String(16), nullable=True),
+    Column("parent_notified", Boolean, nullable=False, server_default=text("false")),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("closed_at", DateTime(timezone=True), nullable=True),
@@ -65,6 +70,12 @@ Index(
 )
 Index("ix_workflow_runs_workflow_id", workflow_runs.c.workflow_id, workflow_runs.c.created_at)
 Index("ix_workflow_runs_status", workflow_runs.c.status, workflow_runs.c.workflow_type)
+Index(
+    "ix_workflow_runs_parent",
+    workflow_runs.c.parent_run_id,
+    postgresql_where=workflow_runs.c.parent_run_id.is_not(None),
+    sqlite_where=workflow_runs.c.parent_run_id.is_not(None),
+)
 # The watchdog scans open runs by last update.
 Index(
     "ix_workflow_runs_open_updated",
@@ -107,6 +118,7 @@ activity_tasks = Table(
     Column("retry_policy", JSON, nullable=False),
     Column("start_to_close", Float, nullable=False),
     Column("schedule_to_close", Float, nullable=True),
+    Column("heartbeat_timeout", Float, nullable=True),
     Column("is_compensation", Boolean, nullable=False, server_default=text("false")),
     Column("idempotency_key", String(512), nullable=False),
     Column("scheduled_at", DateTime(timezone=True), nullable=False),

@@ -47,6 +47,15 @@ class Settings(BaseSettings):
         gt=0,
         description="Send a stalled run's or activity's message again after this long.",
     )
+    max_pending: int = Field(
+        default=2000, gt=0, description="Pending activities and children one run may have."
+    )
+    history_warn_events: int = Field(
+        default=10_240, gt=0, description="History length at which continue-as-new is suggested."
+    )
+    max_history_events: int = Field(
+        default=51_200, gt=0, description="History length at which a run is failed."
+    )
     max_payload_bytes: int = Field(
         default=2 * 1024 * 1024, gt=0, description="Largest input, result or error payload."
     )

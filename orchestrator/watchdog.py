@@ -16,7 +16,6 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from orchestrator import messages
-from orchestrator.db import utcnow
 from orchestrator.engine import Engine
 from orchestrator.schema import activity_tasks, workflow_runs
 
@@ -25,7 +24,7 @@ log = logging.getLogger("orchestrator.watchdog")
 
 def redispatch_stalled(engine: Engine, *, stale_after: float, limit: int = 100) -> int:
     """Send again the messages of stalled runs and activity attempts; return how many."""
-    now = utcnow()
+    now = engine.clock()
     cutoff = now - timedelta(seconds=stale_after)
     queue = engine.settings.workflow_queue
     with engine.sessions() as session:

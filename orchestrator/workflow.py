@@ -8,6 +8,7 @@ quiet while the code replays.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable, MutableMapping
@@ -15,28 +16,40 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from random import Random
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, NoReturn, TypeVar, overload
 
 from activities.definition import ActivityDefinition, get_definition
 from activities.payload import from_payload, to_payload
 from activities.retry import DEFAULT_RETRY_POLICY, RetryPolicy
-from orchestrator.definition import define, mark_run
-from orchestrator.errors import ActivityError, NotInWorkflowError
-from orchestrator.history import ActivityScheduled
+from orchestrator.definition import define, definition_of, mark_handler, mark_run
+from orchestrator.errors import ActivityError, ContinueAsNew, NotInWorkflowError
+from orchestrator.history import ActivityScheduled, ChildWorkflowScheduled
 from orchestrator.instance import WorkflowInfo, WorkflowInstance, current_instance
+from orchestrator.policies import ParentClosePolicy
 
 __all__ = [
+    "ChildHandle",
+    "ParentClosePolicy",
     "Saga",
     "WorkflowInfo",
+    "continue_as_new",
     "defn",
+    "deprecate_patch",
     "execute_activity",
+    "execute_child",
     "in_workflow",
     "info",
     "logger",
     "now",
+    "patched",
+    "query",
     "random",
     "run",
+    "signal",
+    "sleep",
+    "start_child",
     "uuid4",
+    "wait_condition",
 ]
 
 C = TypeVar("C", bound=type[Any])
@@ -71,6 +84,38 @@ def run(fn: F) -> F:
     return fn
 
 
+@overload
+def signal(fn: F, /) -> F: ...
+@overload
+def signal(*, name: str | None = None) -> Callable[[F], F]: ...
+def signal(fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+    """Mark a method (sync or async) that handles the signal ``name`` (default: its name).
+
+    Signals are recorded in the history in the order they arrive and delivered in
+    that order, also those sent before the code reaches the wait that needs them.
+    """
+
+    def wrap(target: F) -> F:
+        mark_handler(target, "signal", name)
+        return target
+
+    return wrap(fn) if fn is not None else wrap
+
+
+@overload
+def query(fn: F, /) -> F: ...
+@overload
+def query(*, name: str | None = None) -> Callable[[F], F]: ...
+def query(fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+    """Mark a plain method that answers the query ``name``; it must not change state."""
+
+    def wrap(target: F) -> F:
+        mark_handler(target, "query", name)
+        return target
+
+    return wrap(fn) if fn is not None else wrap
+
+
 def _instance() -> WorkflowInstance:
     instance = current_instance()
     if instance is None:
@@ -103,6 +148,124 @@ def uuid4() -> uuid.UUID:
     return uuid.UUID(int=_instance().random.getrandbits(128), version=4)
 
 
+async def sleep(duration: timedelta | float) -> None:
+    """Wait durably: a timer in the database, fired by the scheduler (``asyncio.sleep`` too)."""
+    seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
+    _instance()
+    await asyncio.sleep(seconds)
+
+
+async def wait_condition(
+    predicate: Callable[[], bool], *, timeout: timedelta | float | None = None
+) -> None:
+    """Wait until ``predicate()`` is true (checked whenever the code is idle).
+
+    With ``timeout``, raise ``TimeoutError`` if it is still false after that long
+    (a durable timer).
+    """
+    instance = _instance()
+    if predicate():
+        return
+    future = instance.wait_condition(predicate)
+    seconds = _seconds(timeout)
+    if seconds is None:
+        await future
+    else:
+        await asyncio.wait_for(future, seconds)
+
+
+def patched(patch_id: str) -> bool:
+    """True where the run should take the new branch of a code change.
+
+    New runs (and runs that reach this point after the deploy) take it and record
+    a marker; runs that passed this point under the old code replay without the
+    marker and get False, so they keep their recorded commands.
+    """
+    return _instance().patched(patch_id)
+
+
+def deprecate_patch(patch_id: str) -> None:
+    """The old branch of ``patch_id`` is gone: accept histories with or without its marker."""
+    _instance().patched(patch_id, deprecated=True)
+
+
+def continue_as_new(input: Any = NO_ARG) -> NoReturn:
+    """Close this run and start a fresh one of the same workflow id with ``input``.
+
+    Keeps an entity's history bounded: ``workflow.info().continue_as_new_suggested``
+    says when it is time.
+    """
+    instance = _instance()
+    defn = instance.defn
+    payload = (
+        to_payload(input, defn.input_type, limit=instance.defaults.max_payload_bytes)
+        if defn.takes_input
+        else None
+    )
+    raise ContinueAsNew(payload)
+
+
+class ChildHandle:
+    """A child run started by ``workflow.start_child``; await ``result()``."""
+
+    def __init__(self, workflow_id: str, future: asyncio.Future[Any], output_type: Any) -> None:
+        self.workflow_id = workflow_id
+        self._future = future
+        self._output_type = output_type
+
+    async def result(self) -> Any:
+        """The child's result; raises ChildWorkflowError if it did not complete."""
+        return from_payload(await self._future, self._output_type)
+
+
+async def start_child(
+    workflow: type[Any] | str,
+    input: Any = NO_ARG,
+    *,
+    workflow_id: str | None = None,
+    parent_close_policy: ParentClosePolicy = ParentClosePolicy.TERMINATE,
+) -> ChildHandle:
+    """Start a child run; returns once its start is recorded.
+
+    ``workflow_id`` defaults to ``<parent workflow id>/<child id>``; the parent
+    close policy (default TERMINATE) says what happens to the child if the parent
+    closes first.
+    """
+    instance = _instance()
+    limit = instance.defaults.max_payload_bytes
+    if isinstance(workflow, str):
+        name, input_type, output_type, takes_input = workflow, Any, Any, input is not NO_ARG
+    else:
+        child = definition_of(workflow)
+        name, input_type, output_type = child.name, child.input_type, child.output_type
+        takes_input = child.takes_input
+    payload = to_payload(input, input_type, limit=limit) if takes_input else None
+    child_id = instance.next_id("child")
+    command = ChildWorkflowScheduled(
+        child_id=child_id,
+        workflow_type=name,
+        workflow_id=workflow_id or f"{instance.workflow_id}/{child_id}",
+        input=payload,
+        parent_close_policy=ParentClosePolicy(parent_close_policy).value,
+    )
+    future = instance.start_child(command)
+    return ChildHandle(command.workflow_id, future, output_type)
+
+
+async def execute_child(
+    workflow: type[Any] | str,
+    input: Any = NO_ARG,
+    *,
+    workflow_id: str | None = None,
+    parent_close_policy: ParentClosePolicy = ParentClosePolicy.TERMINATE,
+) -> Any:
+    """Run a child workflow and return its result (ChildWorkflowError if it fails)."""
+    handle = await start_child(
+        workflow, input, workflow_id=workflow_id, parent_close_policy=parent_close_policy
+    )
+    return await handle.result()
+
+
 def _seconds(value: timedelta | float | None) -> float | None:
     if value is None:
         return None
@@ -116,6 +279,7 @@ async def execute_activity(
     retry: RetryPolicy | None = None,
     start_to_close: timedelta | float | None = None,
     schedule_to_close: timedelta | float | None = None,
+    heartbeat_timeout: timedelta | float | None = None,
     task_queue: str | None = None,
 ) -> Any:
     """Run an activity and return its result; raise :class:`ActivityError` if it fails for good.
@@ -130,6 +294,7 @@ async def execute_activity(
         retry=retry,
         start_to_close=start_to_close,
         schedule_to_close=schedule_to_close,
+        heartbeat_timeout=heartbeat_timeout,
         task_queue=task_queue,
         is_compensation=False,
     )
@@ -144,6 +309,7 @@ async def _execute(
     schedule_to_close: timedelta | float | None,
     task_queue: str | None,
     is_compensation: bool,
+    heartbeat_timeout: timedelta | float | None = None,
 ) -> Any:
     instance = _instance()
     definition = get_definition(activity)
@@ -167,6 +333,7 @@ async def _execute(
         or _seconds(definition.start_to_close)
         or instance.defaults.start_to_close,
         schedule_to_close=_seconds(schedule_to_close) or _seconds(definition.schedule_to_close),
+        heartbeat_timeout=_seconds(heartbeat_timeout) or _seconds(definition.heartbeat_timeout),
         is_compensation=is_compensation,
     )
     result = await instance.schedule_activity(command)

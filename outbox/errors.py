@@ -11,6 +11,20 @@ from __future__ import annotations
 class OrchestratorError(Exception):
     """Base class of every error raised by this project."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors cross process boundaries (Celery results, worker logs); subclasses
+        # take keyword arguments, so rebuild from the instance's state instead.
+        return (_restore, (type(self), self.args, self.__dict__))
+
+
+def _restore(
+    cls: type[OrchestratorError], args: tuple[object, ...], state: dict[str, object]
+) -> OrchestratorError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class OutboxError(OrchestratorError):
     """A message could not be written to or relayed from the outbox."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Connection, Engine, func, or_, select, update
 from sqlalchemy.engine import RowMapping
+from sqlalchemy.sql.elements import ColumnElement
 
 from outbox.crashpoints import crash_point
 from outbox.errors import PublishError
@@ -29,6 +31,9 @@ _STOP_CHECK = 0.5
 # Sleeping exactly until a row's eligibility would race the clock and wake just short.
 _WAKE_SLACK = 0.01
 _PROGRESS_LOG_INTERVAL = 60.0
+# Rows held back for ordering usually wait on a row another relay is publishing
+# right now: look again soon, then less often if the wait drags on.
+_DEFERRED_RETRY = 0.05
 _MAX_ERROR_LENGTH = 2000
 
 
@@ -115,6 +120,13 @@ class Relay:
     PostgreSQL never publish the same row at the same time. SQLite has no row
     locks: run a single relay there.
 
+    Rows of an *ordered* kind that name an ``aggregate_id`` reach the broker in
+    ``seq`` order per aggregate even with several relays: a relay publishes
+    such a row only if every earlier unpublished row of the same kind set and
+    aggregate is in its own batch, ahead of it; otherwise it leaves the row for
+    a later pass. One aggregate's rows that fail to publish therefore hold back
+    its later rows, and nothing else.
+
     Args:
         engine: Engine of the database holding the outbox table.
         publisher: Where messages go.
@@ -125,6 +137,11 @@ class Relay:
         poll_interval: Seconds :meth:`run` waits between reads when nothing
             wakes it earlier; on PostgreSQL notifications wake it, so this is
             only a safety net. Defaults to 5.0.
+        relay_only_kinds: Kinds the post-commit publisher leaves to the relay
+            (see ``OutboxWriter(relay_only_kinds=...)``); their rows are taken
+            at once, without the grace period. Defaults to none.
+        ordered_kinds: Kinds published in ``seq`` order per ``aggregate_id``.
+            Defaults to ``("event",)``.
     """
 
     def __init__(
@@ -135,6 +152,8 @@ class Relay:
         batch_size: int = 100,
         grace: float = 2.0,
         poll_interval: float = 5.0,
+        relay_only_kinds: Collection[str] = (),
+        ordered_kinds: Collection[str] = ("event",),
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -147,6 +166,8 @@ class Relay:
         self.batch_size = batch_size
         self.grace = grace
         self.poll_interval = poll_interval
+        self.relay_only_kinds = frozenset(relay_only_kinds)
+        self.ordered_kinds = frozenset(ordered_kinds)
 
     def run_once(self) -> int:
         """Claim, publish and mark one batch of eligible rows; return how many were published.
@@ -154,7 +175,7 @@ class Relay:
         A :class:`PublishError` is recorded on the claimed rows (attempt count
         and last error), logged, and reported as 0; it is not raised.
         """
-        published, _ = self._relay_batch()
+        published, _, _ = self._relay_batch()
         return published
 
     def backlog(self) -> tuple[int, float | None]:
@@ -192,6 +213,7 @@ class Relay:
         )
         listener: _Listener | None = None
         backoff = 0.0
+        deferred_wait = 0.0
         relayed = 0
         last_report = time.monotonic()
         try:
@@ -201,12 +223,19 @@ class Relay:
                         listener = _Listener(self.engine)
                     # Subscribing before reading means an insert committed after
                     # the read still leaves a notification to wake the wait.
-                    published, failed = self._drain(stop)
+                    published, failed, deferred = self._drain(stop)
                     relayed += published
                     if failed:
                         backoff = self._next_backoff(backoff)
                         stop.wait(backoff)
                         continue
+                    if deferred:
+                        deferred_wait = min(
+                            self.poll_interval, max(_DEFERRED_RETRY, deferred_wait * 2)
+                        )
+                        stop.wait(deferred_wait)
+                        continue
+                    deferred_wait = 0.0
                     if backoff:
                         _log.info("outbox relay recovered")
                         backoff = 0.0
@@ -242,17 +271,20 @@ class Relay:
         ceiling = max(_MIN_BACKOFF, min(_MAX_BACKOFF, self.poll_interval))
         return min(ceiling, max(_MIN_BACKOFF, current * 2))
 
-    def _drain(self, stop: threading.Event) -> tuple[int, bool]:
+    def _drain(self, stop: threading.Event) -> tuple[int, bool, bool]:
+        """Relay batches until none is full; return published, failed, and rows deferred."""
         total = 0
         while not stop.is_set():
-            published, failed = self._relay_batch()
+            published, failed, deferred = self._relay_batch()
             total += published
             if failed:
-                return total, True
+                return total, True, False
+            if deferred:
+                return total, False, True
             # A short batch means the eligible rows are gone or held by another relay.
             if published < self.batch_size:
                 break
-        return total, False
+        return total, False, False
 
     def _wait(self, listener: _Listener | None, stop: threading.Event) -> None:
         delay = self._until_next_eligible()
@@ -273,22 +305,65 @@ class Relay:
             return None
         table = outbox_messages
         cutoff = _now() - timedelta(seconds=self.grace)
+        conditions = [table.c.published_at.is_(None), table.c.created_at > cutoff]
+        if self.relay_only_kinds:
+            conditions.append(table.c.kind.not_in(self.relay_only_kinds))
         with self.engine.connect() as conn:
-            oldest = conn.execute(
-                select(func.min(table.c.created_at)).where(
-                    table.c.published_at.is_(None), table.c.created_at > cutoff
-                )
-            ).scalar()
+            oldest = conn.execute(select(func.min(table.c.created_at)).where(*conditions)).scalar()
         if oldest is None:
             return None
         return max(0.0, (_as_utc(oldest) - cutoff).total_seconds())
 
-    def _relay_batch(self) -> tuple[int, bool]:
-        """Relay one batch; return the number published and whether publishing failed."""
+    def _eligible(self) -> ColumnElement[bool]:
         table = outbox_messages
-        cutoff = _now() - timedelta(seconds=self.grace)
+        old_enough = table.c.created_at <= _now() - timedelta(seconds=self.grace)
+        if not self.relay_only_kinds:
+            return old_enough
+        return or_(old_enough, table.c.kind.in_(self.relay_only_kinds))
+
+    def _in_aggregate_order(self, conn: Connection, rows: Sequence[Any]) -> tuple[list[Any], int]:
+        """Drop claimed rows that an earlier unclaimed row of their aggregate must precede.
+
+        Returns the rows to publish, in ``seq`` order, and how many were held back.
+        """
+        ordered = [
+            row for row in rows if row.kind in self.ordered_kinds and row.aggregate_id is not None
+        ]
+        if not ordered:
+            return list(rows), 0
+        table = outbox_messages
+        claimed = [row.seq for row in rows]
+        # Read without locking: a row another relay holds is exactly what must
+        # go first, and READ COMMITTED shows it unpublished until that relay commits.
+        blockers = conn.execute(
+            select(table.c.aggregate_id, func.min(table.c.seq).label("first_seq"))
+            .where(
+                table.c.published_at.is_(None),
+                table.c.kind.in_(self.ordered_kinds),
+                table.c.aggregate_id.in_({row.aggregate_id for row in ordered}),
+                table.c.seq < max(row.seq for row in ordered),
+                table.c.seq.not_in(claimed),
+            )
+            .group_by(table.c.aggregate_id)
+        ).all()
+        first_unclaimed: dict[str, int] = {row.aggregate_id: row.first_seq for row in blockers}
+        if not first_unclaimed:
+            return list(rows), 0
+        kept = [
+            row
+            for row in rows
+            if row.kind not in self.ordered_kinds
+            or row.aggregate_id not in first_unclaimed
+            or row.seq < first_unclaimed[row.aggregate_id]
+        ]
+        return kept, len(rows) - len(kept)
+
+    def _relay_batch(self) -> tuple[int, bool, bool]:
+        """Relay one batch; return the number published, whether publishing failed,
+        and whether rows were held back for ordering."""
+        table = outbox_messages
         with self.engine.begin() as conn:
-            rows = conn.execute(
+            claimed = conn.execute(
                 select(
                     table.c.seq,
                     table.c.id,
@@ -299,13 +374,16 @@ class Relay:
                     table.c.body,
                     table.c.headers,
                 )
-                .where(table.c.published_at.is_(None), table.c.created_at <= cutoff)
+                .where(table.c.published_at.is_(None), self._eligible())
                 .order_by(table.c.seq)
                 .limit(self.batch_size)
                 .with_for_update(skip_locked=True)
             ).all()
+            if not claimed:
+                return 0, False, False
+            rows, deferred = self._in_aggregate_order(conn, claimed)
             if not rows:
-                return 0, False
+                return 0, False, True
             crash_point("relay.after_claim")
             seqs = [row.seq for row in rows]
             try:
@@ -320,7 +398,7 @@ class Relay:
                     )
                 )
                 _log.warning("publishing %d outbox message(s) failed: %s", len(rows), exc)
-                return 0, True
+                return 0, True, False
             crash_point("relay.after_publish")
             conn.execute(
                 update(table)
@@ -332,4 +410,4 @@ class Relay:
                 )
             )
         _log.debug("relayed %d outbox message(s)", len(rows))
-        return len(rows), False
+        return len(rows), False, deferred > 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -60,6 +60,10 @@ class OutboxWriter:
         publisher: Where messages go after commit.
         publish_after_commit: Whether to publish right after commit. When
             ``False`` only the relay publishes. Defaults to ``True``.
+        relay_only_kinds: Message kinds never published after commit, only by
+            the relay: a relay that claims rows in ``seq`` order can keep one
+            aggregate's messages in commit order, which publishing from every
+            committing process at once cannot. Defaults to none.
     """
 
     def __init__(
@@ -68,10 +72,12 @@ class OutboxWriter:
         publisher: Publisher,
         *,
         publish_after_commit: bool = True,
+        relay_only_kinds: Collection[str] = (),
     ) -> None:
         self.engine = engine
         self.publisher = publisher
         self.publish_after_commit = publish_after_commit
+        self.relay_only_kinds = frozenset(relay_only_kinds)
 
     def add(self, session: Session, messages: Iterable[OutboxMessage]) -> None:
         """Insert ``messages`` in ``session``'s current transaction.
@@ -100,6 +106,9 @@ class OutboxWriter:
         for chunk in _chunks(rows, _INSERT_CHUNK):
             session.execute(insert(outbox_messages).values(list(chunk)))
         if not self.publish_after_commit:
+            return
+        batch = [message for message in batch if message.kind not in self.relay_only_kinds]
+        if not batch:
             return
         transaction = session.get_nested_transaction() or session.get_transaction()
         if transaction is None:  # pragma: no cover - execute() always begins one

@@ -152,11 +152,11 @@ class Broken:
 
 @workflow.defn
 class UsesAsyncioSleep:
-    """Uses a wall-clock wait, which workflow code may not."""
+    """Waits with plain asyncio.sleep, which becomes a durable timer."""
 
     @workflow.run
     async def run(self) -> None:
-        await asyncio.sleep(1)
+        await asyncio.sleep(0.2)
 
 
 ALL_WORKFLOWS = [Pipeline, FanOut, Deterministic, Sleeper, Broken, UsesAsyncioSleep]

@@ -99,6 +99,7 @@ def failure_of(outcome: Outcome) -> Failure:
 def test_all_is_pinned() -> None:
     assert sorted(activities.__all__) == sorted(
         [
+            "ActivityCancelledError",
             "defn",
             "info",
             "heartbeat",

@@ -34,17 +34,28 @@ EXPECTED = {
         "workflow",
     ],
     "orchestrator.workflow": [
+        "ChildHandle",
+        "ParentClosePolicy",
         "Saga",
         "WorkflowInfo",
+        "continue_as_new",
         "defn",
+        "deprecate_patch",
         "execute_activity",
+        "execute_child",
         "in_workflow",
         "info",
         "logger",
         "now",
+        "patched",
+        "query",
         "random",
         "run",
+        "signal",
+        "sleep",
+        "start_child",
         "uuid4",
+        "wait_condition",
     ],
 }
 
@@ -69,3 +80,29 @@ def test_every_error_derives_from_the_one_root() -> None:
             value = getattr(package, name)
             if isinstance(value, type) and issubclass(value, BaseException):
                 assert issubclass(value, root), f"{package.__name__}.{name}"
+
+
+def test_errors_survive_pickling() -> None:
+    import pickle
+
+    from activities import Failure
+    from orchestrator import (
+        NondeterminismError,
+        UnknownWorkflowTypeError,
+        WorkflowAlreadyStartedError,
+        WorkflowFailedError,
+    )
+
+    errors = [
+        UnknownWorkflowTypeError("X", ["A"]),
+        WorkflowAlreadyStartedError("w", "r", "RUNNING"),
+        NondeterminismError(run_id="r", seq=2, recorded="a", issued="b"),
+        WorkflowFailedError(
+            workflow_id="w", status="FAILED", failure=Failure(type="T", message="m")
+        ),
+    ]
+    for error in errors:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error)
+        assert str(copy) == str(error)
+        assert copy.__dict__ == error.__dict__

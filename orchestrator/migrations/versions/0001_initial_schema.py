@@ -67,6 +67,10 @@ def upgrade() -> None:
         ),
         sa.Column("task_failure", sa.JSON(), nullable=True),
         sa.Column("task_failures", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("parent_run_id", sa.String(length=36), nullable=True),
+        sa.Column("parent_child_id", sa.String(length=32), nullable=True),
+        sa.Column("parent_close_policy", sa.String(length=16), nullable=True),
+        sa.Column("parent_notified", sa.Boolean(), server_default=sa.text("false"), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("closed_at", sa.DateTime(timezone=True), nullable=True),
@@ -74,6 +78,13 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("workflow_runs", schema=None) as batch_op:
         batch_op.create_index("ix_workflow_runs_status", ["status", "workflow_type"], unique=False)
+        batch_op.create_index(
+            "ix_workflow_runs_parent",
+            ["parent_run_id"],
+            unique=False,
+            postgresql_where=sa.text("parent_run_id IS NOT NULL"),
+            sqlite_where=sa.text("parent_run_id IS NOT NULL"),
+        )
         batch_op.create_index(
             "ix_workflow_runs_open_updated",
             ["updated_at"],
@@ -104,6 +115,7 @@ def upgrade() -> None:
         sa.Column("retry_policy", sa.JSON(), nullable=False),
         sa.Column("start_to_close", sa.Float(), nullable=False),
         sa.Column("schedule_to_close", sa.Float(), nullable=True),
+        sa.Column("heartbeat_timeout", sa.Float(), nullable=True),
         sa.Column(
             "is_compensation", sa.Boolean(), server_default=sa.text("(false)"), nullable=False
         ),
@@ -214,6 +226,7 @@ def downgrade() -> None:
         )
         batch_op.drop_index("ix_workflow_runs_workflow_id")
         batch_op.drop_index("ix_workflow_runs_status")
+        batch_op.drop_index("ix_workflow_runs_parent")
         batch_op.drop_index("ix_workflow_runs_open_updated")
 
     op.drop_table("workflow_runs")

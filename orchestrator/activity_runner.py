@@ -1,0 +1,433 @@
+"""Activity attempts: schedule, claim, run, record, retry, time out.
+
+An attempt is claimed in a short transaction before the user's code runs (so a
+duplicate or stale message finds it taken), and its outcome is recorded under the
+run's lock afterwards. Retries wait in durable timers; deadlines (start-to-close,
+heartbeat, schedule-to-close) are enforced by the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from activities.context import ActivityInfo
+from activities.definition import ActivityDefinition
+from activities.errors import ActivityCancelledError
+from activities.execution import Outcome, execute
+from activities.failure import Failure
+from activities.retry import RetryPolicy
+from orchestrator import messages
+from orchestrator.db import as_utc
+from orchestrator.history import ActivityCompleted, ActivityFailed, ActivityScheduled
+from orchestrator.runs import LockedRun, lock_run, save_run
+from orchestrator.schema import activity_tasks, timers, workflow_runs
+from outbox.crashpoints import crash_point
+from outbox.message import OutboxMessage
+
+if TYPE_CHECKING:
+    from orchestrator.engine import Engine
+
+log = logging.getLogger("orchestrator.activities")
+
+ACTIVITY_RETRY = "ACTIVITY_RETRY"
+_KEEP_ATTEMPT_FAILURES = 20
+
+
+def _close_deadline(row: Any) -> datetime | None:
+    if not row["schedule_to_close"]:
+        return None
+    return as_utc(row["scheduled_at"]) + timedelta(seconds=row["schedule_to_close"])
+
+
+class ActivityRunner:
+    """The activity side of the engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # ---------------------------------------------------------------- scheduling
+    def schedule(
+        self, session: Session, run: LockedRun, command: ActivityScheduled, now: datetime
+    ) -> OutboxMessage:
+        close_deadline = (
+            now + timedelta(seconds=command.schedule_to_close)
+            if command.schedule_to_close
+            else None
+        )
+        session.execute(
+            insert(activity_tasks).values(
+                run_id=run.run_id,
+                activity_id=command.activity_id,
+                activity_type=command.activity_type,
+                task_queue=command.task_queue,
+                input=command.input,
+                attempt=1,
+                status="SCHEDULED",
+                retry_policy=command.retry_policy,
+                start_to_close=command.start_to_close,
+                schedule_to_close=command.schedule_to_close,
+                heartbeat_timeout=command.heartbeat_timeout,
+                is_compensation=command.is_compensation,
+                idempotency_key=f"{run.workflow_id}/{run.run_id}/{command.activity_id}",
+                scheduled_at=now,
+                attempt_scheduled_at=now,
+                deadline_at=close_deadline,
+                attempt_failures=[],
+            )
+        )
+        return messages.activity_task(
+            run_id=run.run_id,
+            workflow_id=run.workflow_id,
+            activity_id=command.activity_id,
+            activity_type=command.activity_type,
+            attempt=1,
+            queue=command.task_queue,
+        )
+
+    # ------------------------------------------------------------------ running
+    def run_attempt(self, run_id: str, activity_id: str, attempt: int) -> None:
+        """Run one attempt, if it is still the current one, and record its outcome."""
+        claimed = self._claim(run_id, activity_id, attempt)
+        if claimed is None:
+            return
+        info, defn, payload = claimed
+        crash_point("activity.started")
+
+        def heartbeat(details: Any) -> None:
+            self._heartbeat(run_id, activity_id, attempt, details)
+
+        outcome = execute(
+            defn, info, payload, heartbeat=heartbeat, limit=self.engine.settings.max_payload_bytes
+        )
+        crash_point("activity.executed")
+        self._finish(run_id, activity_id, attempt, outcome)
+
+    def _claim(
+        self, run_id: str, activity_id: str, attempt: int
+    ) -> tuple[ActivityInfo, ActivityDefinition, Any] | None:
+        engine = self.engine
+        now = engine.clock()
+        with engine.sessions.begin() as session:
+            row = (
+                session.execute(
+                    select(
+                        activity_tasks,
+                        workflow_runs.c.workflow_id,
+                        workflow_runs.c.workflow_type,
+                    )
+                    .join(workflow_runs, workflow_runs.c.run_id == activity_tasks.c.run_id)
+                    .where(
+                        activity_tasks.c.run_id == run_id,
+                        activity_tasks.c.activity_id == activity_id,
+                    )
+                    .with_for_update(of=activity_tasks)
+                )
+                .mappings()
+                .first()
+            )
+            if row is None or row["attempt"] != attempt or row["status"] != "SCHEDULED":
+                log.info(
+                    "dropping stale activity message",
+                    extra={"run_id": run_id, "activity_id": activity_id, "attempt": attempt},
+                )
+                return None
+            defn = engine.registry.activity(row["activity_type"])
+            deadline = now + timedelta(seconds=row["start_to_close"])
+            if row["heartbeat_timeout"]:
+                deadline = min(deadline, now + timedelta(seconds=row["heartbeat_timeout"]))
+            close = _close_deadline(row)
+            if close is not None:
+                deadline = min(deadline, close)
+            session.execute(
+                update(activity_tasks)
+                .where(
+                    activity_tasks.c.run_id == run_id,
+                    activity_tasks.c.activity_id == activity_id,
+                )
+                .values(status="STARTED", started_at=now, deadline_at=deadline)
+            )
+        info = ActivityInfo(
+            activity_id=activity_id,
+            activity_type=row["activity_type"],
+            workflow_id=row["workflow_id"],
+            workflow_type=row["workflow_type"],
+            run_id=run_id,
+            attempt=attempt,
+            idempotency_key=row["idempotency_key"],
+            task_queue=row["task_queue"],
+            scheduled_at=as_utc(row["scheduled_at"]),
+            started_at=now,
+            deadline=deadline,
+            heartbeat_details=row["heartbeat_details"],
+            is_compensation=bool(row["is_compensation"]),
+        )
+        return info, defn, row["input"]
+
+    def _heartbeat(self, run_id: str, activity_id: str, attempt: int, details: Any) -> None:
+        """Record progress, push the heartbeat deadline, and pass on a cancellation."""
+        engine = self.engine
+        now = engine.clock()
+        with engine.sessions.begin() as session:
+            row = (
+                session.execute(
+                    select(
+                        activity_tasks.c.attempt,
+                        activity_tasks.c.status,
+                        activity_tasks.c.started_at,
+                        activity_tasks.c.start_to_close,
+                        activity_tasks.c.heartbeat_timeout,
+                        activity_tasks.c.schedule_to_close,
+                        activity_tasks.c.scheduled_at,
+                        workflow_runs.c.cancel_requested,
+                        workflow_runs.c.closed_at,
+                    )
+                    .join(workflow_runs, workflow_runs.c.run_id == activity_tasks.c.run_id)
+                    .where(
+                        activity_tasks.c.run_id == run_id,
+                        activity_tasks.c.activity_id == activity_id,
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if row is None or row["attempt"] != attempt or row["status"] != "STARTED":
+                raise ActivityCancelledError("this attempt is no longer current")
+            if row["cancel_requested"] or row["closed_at"] is not None:
+                raise ActivityCancelledError("the workflow was cancelled")
+            values: dict[str, Any] = {"heartbeat_details": details}
+            if row["heartbeat_timeout"]:
+                deadline = min(
+                    as_utc(row["started_at"]) + timedelta(seconds=row["start_to_close"]),
+                    now + timedelta(seconds=row["heartbeat_timeout"]),
+                )
+                close = _close_deadline(row)
+                values["deadline_at"] = min(deadline, close) if close else deadline
+            session.execute(
+                update(activity_tasks)
+                .where(
+                    activity_tasks.c.run_id == run_id,
+                    activity_tasks.c.activity_id == activity_id,
+                    activity_tasks.c.attempt == attempt,
+                )
+                .values(**values)
+            )
+
+    def _finish(self, run_id: str, activity_id: str, attempt: int, outcome: Outcome) -> None:
+        engine = self.engine
+        with engine.sessions() as session:
+            run = lock_run(session, run_id)
+            row = activity_row(session, run_id, activity_id)
+            if (
+                run is None
+                or row is None
+                or row["attempt"] != attempt
+                or row["status"] != "STARTED"
+            ):
+                log.info(
+                    "activity outcome arrived for an attempt that is no longer current",
+                    extra={"run_id": run_id, "activity_id": activity_id, "attempt": attempt},
+                )
+                return
+            now = engine.clock()
+            if outcome.failure is None:
+                set_activity(
+                    session,
+                    run_id,
+                    activity_id,
+                    status="COMPLETED",
+                    closed_at=now,
+                    deadline_at=None,
+                )
+                run.append(
+                    ActivityCompleted(
+                        activity_id=activity_id,
+                        activity_type=row["activity_type"],
+                        attempt=attempt,
+                        result=outcome.result,
+                    )
+                )
+                appended = True
+            else:
+                appended = self.attempt_failed(session, run, row, outcome.failure, now)
+            save_run(session, run, now)
+            if appended:
+                engine.after_result(session, run)
+            engine.commit(session)
+
+    def attempt_failed(
+        self, session: Session, run: LockedRun, row: Any, failure: Failure, now: datetime
+    ) -> bool:
+        """Schedule a durable retry or fail the activity for good; True if an event was appended."""
+        attempt = row["attempt"]
+        policy = RetryPolicy.from_json(row["retry_policy"])
+        failures = [
+            *list(row["attempt_failures"] or [])[-(_KEEP_ATTEMPT_FAILURES - 1) :],
+            {"attempt": attempt, "at": now.isoformat(), "failure": failure.to_json()},
+        ]
+        delay = policy.delay_after(attempt)
+        close_deadline = _close_deadline(row)
+        retry = (
+            run.is_open
+            and policy.should_retry(attempt, failure)
+            and (close_deadline is None or now + delay < close_deadline)
+        )
+        log.warning(
+            "activity attempt failed: %s: %s%s",
+            failure.type,
+            failure.message,
+            f"; retry in {delay.total_seconds():g}s" if retry else "; no more retries",
+            extra={
+                "workflow_id": run.workflow_id,
+                "run_id": run.run_id,
+                "activity": row["activity_type"],
+                "attempt": attempt,
+            },
+        )
+        if retry:
+            set_activity(
+                session,
+                run.run_id,
+                row["activity_id"],
+                status="BACKOFF",
+                deadline_at=None,
+                last_failure=failure.to_json(),
+                attempt_failures=failures,
+            )
+            session.execute(
+                insert(timers).values(
+                    run_id=run.run_id,
+                    kind=ACTIVITY_RETRY,
+                    ref=row["activity_id"],
+                    attempt=attempt + 1,
+                    fire_at=now + delay,
+                )
+            )
+            return False
+        set_activity(
+            session,
+            run.run_id,
+            row["activity_id"],
+            status="FAILED",
+            deadline_at=None,
+            closed_at=now,
+            last_failure=failure.to_json(),
+            attempt_failures=failures,
+        )
+        if not run.is_open:
+            return False
+        run.append(
+            ActivityFailed(
+                activity_id=row["activity_id"],
+                activity_type=row["activity_type"],
+                attempt=attempt,
+                failure=failure.to_json(),
+            )
+        )
+        return True
+
+    # --------------------------------------------------- retries and deadlines
+    def retry_due(self, session: Session, run: LockedRun, timer: Any, now: datetime) -> bool:
+        """A retry timer fired: schedule the next attempt if the activity still waits."""
+        row = activity_row(session, run.run_id, timer["ref"])
+        if (
+            row is None
+            or row["status"] != "BACKOFF"
+            or row["attempt"] + 1 != timer["attempt"]
+            or not run.is_open
+        ):
+            return False
+        set_activity(
+            session,
+            run.run_id,
+            row["activity_id"],
+            status="SCHEDULED",
+            attempt=timer["attempt"],
+            attempt_scheduled_at=now,
+            started_at=None,
+            deadline_at=_close_deadline(row),
+        )
+        self.engine.outbox.add(
+            session,
+            [
+                messages.activity_task(
+                    run_id=run.run_id,
+                    workflow_id=run.workflow_id,
+                    activity_id=row["activity_id"],
+                    activity_type=row["activity_type"],
+                    attempt=timer["attempt"],
+                    queue=row["task_queue"],
+                )
+            ],
+        )
+        return True
+
+    def expire(self, run_id: str, activity_id: str) -> int:
+        """Time out an attempt past its deadline (under the run's lock, re-checked)."""
+        engine = self.engine
+        with engine.sessions() as session:
+            run = lock_run(session, run_id, skip_locked=True)
+            if run is None:
+                return 0
+            row = activity_row(session, run_id, activity_id)
+            now = engine.clock()
+            if (
+                row is None
+                or row["deadline_at"] is None
+                or as_utc(row["deadline_at"]) > now
+                or row["status"] not in ("SCHEDULED", "STARTED")
+            ):
+                return 0
+            close = _close_deadline(row)
+            if close is not None and now >= close:
+                failure = Failure(
+                    type="ActivityTimeout",
+                    message=f"schedule-to-close timeout of {row['schedule_to_close']:g}s "
+                    f"exceeded on attempt {row['attempt']}",
+                    non_retryable=True,
+                )
+            elif row["heartbeat_timeout"] and now < as_utc(row["started_at"]) + timedelta(
+                seconds=row["start_to_close"]
+            ):
+                failure = Failure(
+                    type="ActivityTimeout",
+                    message=f"no heartbeat for {row['heartbeat_timeout']:g}s "
+                    f"on attempt {row['attempt']}",
+                )
+            else:
+                failure = Failure(
+                    type="ActivityTimeout",
+                    message=f"start-to-close timeout of {row['start_to_close']:g}s "
+                    f"exceeded on attempt {row['attempt']}",
+                )
+            appended = self.attempt_failed(session, run, row, failure, now)
+            save_run(session, run, now)
+            if appended:
+                engine.after_result(session, run)
+            engine.commit(session)
+            return 1
+
+
+def activity_row(session: Session, run_id: str, activity_id: str) -> Any:
+    return (
+        session.execute(
+            select(activity_tasks).where(
+                activity_tasks.c.run_id == run_id,
+                activity_tasks.c.activity_id == activity_id,
+            )
+        )
+        .mappings()
+        .first()
+    )
+
+
+def set_activity(session: Session, run_id: str, activity_id: str, **values: Any) -> None:
+    session.execute(
+        update(activity_tasks)
+        .where(activity_tasks.c.run_id == run_id, activity_tasks.c.activity_id == activity_id)
+        .values(**values)
+    )
