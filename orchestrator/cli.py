@@ -230,6 +230,72 @@ def _cancel(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -
     return 0
 
 
+def _terminate(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -> int:
+    handle = orchestrator.client().get_handle(args.workflow_id, args.run)
+    handle.terminate(args.reason or "")
+    _emit(
+        out,
+        args,
+        {"workflow_id": handle.workflow_id, "run_id": handle.run_id, "terminated": True},
+        f"terminated {handle.workflow_id} (run {handle.run_id})\n",
+    )
+    return 0
+
+
+def _json_arg(text: str | None) -> Any:
+    if text is None:
+        return _no_input()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--arg is not valid JSON: {exc}") from exc
+
+
+def _signal(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -> int:
+    handle = orchestrator.client().get_handle(args.workflow_id, args.run)
+    handle.signal(args.name, _json_arg(args.arg))
+    _emit(
+        out,
+        args,
+        {"workflow_id": handle.workflow_id, "signal": args.name},
+        f"signal {args.name} sent to {handle.workflow_id}\n",
+    )
+    return 0
+
+
+def _query(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -> int:
+    from activities.payload import to_payload
+
+    handle = orchestrator.client().get_handle(args.workflow_id, args.run)
+    answer = to_payload(handle.query(args.name, _json_arg(args.arg)))
+    out.write(json.dumps(answer, indent=None if args.json else 2) + "\n")
+    return 0
+
+
+def _replay(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -> int:
+    from pathlib import Path
+
+    from orchestrator.replayer import Replayer
+
+    replayer = Replayer(
+        workflows=[defn.cls for defn in orchestrator.registry.workflows.values()],
+        settings=orchestrator.settings,
+    )
+    results = []
+    for name in args.files:
+        results.extend(replayer.replay_file(Path(name)))
+    if args.json:
+        out.write(json.dumps([r.to_json() for r in results], indent=2) + "\n")
+    else:
+        for result in results:
+            verdict = "ok" if result.ok else f"NONDETERMINISM: {result.error}"
+            out.write(
+                f"{result.workflow_id} ({result.workflow_type}, {result.events} events): "
+                f"{verdict}\n"
+            )
+    return 0 if all(r.ok for r in results) else 1
+
+
 def _emit(out: TextIO, args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
     out.write(json.dumps(data) + "\n" if args.json else text)
 
@@ -285,20 +351,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (
         ("show", "describe a run"),
-        ("history", "print a run's event history"),
+        ("history", "print a run's event history (--json exports it for replay)"),
         ("cancel", "ask a run to cancel (it compensates)"),
+        ("terminate", "stop a run at once, running none of its code"),
+        ("signal", "send a signal to a run"),
+        ("query", "ask a run's query handler"),
     ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("workflow_id")
+        if name in ("signal", "query"):
+            sub.add_argument("name", help=f"{name} name")
+            sub.add_argument("--arg", help="argument as JSON")
         sub.add_argument("--run", help="run id (default: the open or latest run)")
-        if name == "cancel":
+        if name in ("cancel", "terminate"):
             sub.add_argument("--reason")
+
+    replay = commands.add_parser(
+        "replay", help="replay exported histories against the current code (before a deploy)"
+    )
+    replay.add_argument("files", nargs="+", metavar="FILE")
 
     demo = commands.add_parser(
         "demo", help="run the order saga twice (completed, compensated); no services needed"
     )
     demo.add_argument("--database-url", help="default: a temporary SQLite file")
     return parser
+
+
+# Commands a person runs in a terminal: only warnings and errors on stderr.
+_QUIET_COMMANDS = {
+    "start",
+    "show",
+    "history",
+    "cancel",
+    "terminate",
+    "signal",
+    "query",
+    "replay",
+    "demo",
+    "db",
+}
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -310,9 +402,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except ValidationError as exc:
         return _fail(f"invalid ORCHESTRATOR_* setting: {exc.errors()[0]['loc']} {exc}")
     configure_logging(
-        "WARNING"
-        if args.command in {"start", "show", "history", "cancel", "demo", "db"}
-        else settings.log_level,
+        "WARNING" if args.command in _QUIET_COMMANDS else settings.log_level,
         as_json=settings.log_json,
     )
     try:
@@ -330,7 +420,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return _until_signalled(orchestrator.relay().run)
         if args.command == "scheduler":
             return _until_signalled(orchestrator.run_scheduler)
-        handlers = {"start": _start, "show": _show, "history": _history, "cancel": _cancel}
+        handlers = {
+            "start": _start,
+            "show": _show,
+            "history": _history,
+            "cancel": _cancel,
+            "terminate": _terminate,
+            "signal": _signal,
+            "query": _query,
+            "replay": _replay,
+        }
         try:
             return handlers[args.command](args, orchestrator, out)
         finally:

@@ -262,3 +262,62 @@ PATTERN_WORKFLOWS = [
     LongJob,
 ]
 PATTERN_ACTIVITIES = [notify, compensate, beating, long_job, slow]
+
+
+@workflow.defn(name="Versioned")
+class VersionedV1:
+    """The first version: two steps."""
+
+    @workflow.run
+    async def run(self) -> list[str]:
+        return [
+            await workflow.execute_activity(notify, "a"),
+            await workflow.execute_activity(notify, "b"),
+        ]
+
+
+@workflow.defn(name="Versioned")
+class VersionedV2:
+    """A step added between the two, behind a patch."""
+
+    @workflow.run
+    async def run(self) -> list[str]:
+        steps = [await workflow.execute_activity(notify, "a")]
+        if workflow.patched("add-c"):
+            steps.append(await workflow.execute_activity(compensate, "c") or "c")
+        steps.append(await workflow.execute_activity(notify, "b"))
+        return steps
+
+
+@workflow.defn(name="Versioned")
+class VersionedUnpatched:
+    """The same change made carelessly: no patch."""
+
+    @workflow.run
+    async def run(self) -> list[str]:
+        steps = [await workflow.execute_activity(notify, "a")]
+        steps.append(await workflow.execute_activity(compensate, "c") or "c")
+        steps.append(await workflow.execute_activity(notify, "b"))
+        return steps
+
+
+@workflow.defn(name="Versioned")
+class VersionedV3:
+    """Every old run has finished: the patch is deprecated, the new step stays."""
+
+    @workflow.run
+    async def run(self) -> list[str]:
+        steps = [await workflow.execute_activity(notify, "a")]
+        workflow.deprecate_patch("add-c")
+        steps.append(await workflow.execute_activity(compensate, "c") or "c")
+        steps.append(await workflow.execute_activity(notify, "b"))
+        return steps
+
+
+def __getattr__(name: str) -> object:
+    # The replay command loads the application by name.
+    if name == "V1_APP":
+        from orchestrator import Orchestrator
+
+        return Orchestrator(workflows=[VersionedV1], activities=PATTERN_ACTIVITIES)
+    raise AttributeError(name)
