@@ -36,4 +36,19 @@ def run_scheduler(
         if fired:
             log.debug("scheduler fired %d timers/deadlines", fired)
             continue
-        stop.wait(poll)
+        stop.wait(_pause(engine, poll))
+
+
+def _pause(engine: Engine, poll: float) -> float:
+    """Sleep until the next timer falls due, but never longer than ``poll``.
+
+    Timers started after this look are caught by the next poll at the latest, so
+    ``poll`` bounds how late a timer can fire.
+    """
+    try:
+        due = engine.timers.next_due()
+    except Exception:
+        return poll
+    if due is None:
+        return poll
+    return min(poll, max((due - engine.clock()).total_seconds(), 0.0))

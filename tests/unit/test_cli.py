@@ -103,3 +103,22 @@ def test_unknown_app_is_a_clear_error(env: str, capsys: pytest.CaptureFixture[st
     code = main(["--app", "no_such_module:app", "show", "x"])
     err: Any = capsys.readouterr().err
     assert code == 2 and "cannot import application module 'no_such_module'" in err
+
+
+def test_readme_lists_every_setting_with_its_default() -> None:
+    from orchestrator.settings import Settings
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for name, field in Settings.model_fields.items():
+        variable = f"`ORCHESTRATOR_{name.upper()}`"
+        assert variable in readme or f"`ORCHESTRATOR_{name.upper()}` /" in readme, variable
+        row = next(line for line in readme.splitlines() if variable in line)
+        default = field.default
+        if isinstance(default, bool):
+            shown = str(default).lower()
+        elif isinstance(default, float) and default.is_integer():
+            shown = str(int(default))
+        else:
+            shown = str(default)
+        if default is not None:
+            assert shown in row, (variable, shown, row)

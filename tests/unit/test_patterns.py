@@ -135,9 +135,9 @@ def test_entity_continues_as_new_and_keeps_its_state(env: Any) -> None:
 
 
 def test_fan_out_over_children_and_activities(env: Any) -> None:
-    handle = env.client.start_workflow(Tree, FanSpec(children=5, activities=10), workflow_id="tree")
-    assert handle.result(timeout=30) == 50
-    assert CALLS.names().count("notify") == 50
+    handle = env.client.start_workflow(Tree, FanSpec(children=20, activities=50), workflow_id="tree")
+    assert handle.result(timeout=60) == 1000
+    assert CALLS.names().count("notify") == 1000
 
 
 def test_partial_failures_with_return_exceptions(env: Any) -> None:
