@@ -34,10 +34,10 @@ from activities.retry import DEFAULT_RETRY_POLICY, RetryPolicy
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "DEFAULT_RETRY_POLICY",
+    "ActivityCancelledError",
     "ActivityDefinition",
     "ActivityDefinitionError",
     "ActivityInfo",
-    "ActivityCancelledError",
     "ApplicationError",
     "Failure",
     "InvalidPayloadError",

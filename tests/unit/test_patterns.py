@@ -135,7 +135,9 @@ def test_entity_continues_as_new_and_keeps_its_state(env: Any) -> None:
 
 
 def test_fan_out_over_children_and_activities(env: Any) -> None:
-    handle = env.client.start_workflow(Tree, FanSpec(children=20, activities=50), workflow_id="tree")
+    handle = env.client.start_workflow(
+        Tree, FanSpec(children=20, activities=50), workflow_id="tree"
+    )
     assert handle.result(timeout=60) == 1000
     assert CALLS.names().count("notify") == 1000
 
