@@ -119,6 +119,7 @@ class ActivityRunner:
                         activity_tasks,
                         workflow_runs.c.workflow_id,
                         workflow_runs.c.workflow_type,
+                        workflow_runs.c.paused,
                     )
                     .join(workflow_runs, workflow_runs.c.run_id == activity_tasks.c.run_id)
                     .where(
@@ -130,6 +131,10 @@ class ActivityRunner:
                 .mappings()
                 .first()
             )
+            if row is not None and row["paused"]:
+                # Stays SCHEDULED: resuming the run sends its message again.
+                log.info("run is paused; activity %s waits", activity_id, extra={"run_id": run_id})
+                return None
             if row is None or row["attempt"] != attempt or row["status"] != "SCHEDULED":
                 log.info(
                     "dropping stale activity message",
@@ -264,16 +269,17 @@ class ActivityRunner:
     ) -> bool:
         """Schedule a durable retry or fail the activity for good; True if an event was appended."""
         attempt = row["attempt"]
+        counted = attempt - (row["attempt_base"] or 0)
         policy = RetryPolicy.from_json(row["retry_policy"])
         failures = [
             *list(row["attempt_failures"] or [])[-(_KEEP_ATTEMPT_FAILURES - 1) :],
             {"attempt": attempt, "at": now.isoformat(), "failure": failure.to_json()},
         ]
-        delay = policy.delay_after(attempt)
+        delay = policy.delay_after(counted)
         close_deadline = _close_deadline(row)
         retry = (
             run.is_open
-            and policy.should_retry(attempt, failure)
+            and policy.should_retry(counted, failure)
             and (close_deadline is None or now + delay < close_deadline)
         )
         log.warning(
@@ -308,6 +314,13 @@ class ActivityRunner:
                 )
             )
             return False
+        if row["is_compensation"] and run.is_open:
+            # Never drop a compensation: park it for an operator (the workflow keeps
+            # waiting for it), and report the new event so the run records it.
+            self.engine.dead_letters.record(
+                session, run, row, failure=failure, attempts=failures, now=now
+            )
+            return True
         set_activity(
             session,
             run.run_id,

@@ -21,6 +21,7 @@ from kombu.entity import Exchange, Queue
 
 from activities.errors import PayloadError
 from orchestrator import messages
+from orchestrator.dead_letters import COMPENSATION_DEAD_LETTER_QUEUE
 from orchestrator.errors import InvalidWorkflowIdError, UnknownWorkflowTypeError
 from outbox.errors import PublishError
 from outbox.message import OutboxMessage
@@ -161,6 +162,21 @@ class CeleryPublisher:
             dead_letter_queue(self._dead_letter_exchange).bind(producer.channel).declare()
             self._declared = True
 
+    def _publish_dead_letter_copy(self, producer: Any, message: OutboxMessage) -> None:
+        # A plain message on a queue nobody consumes: operators see dead-lettered
+        # compensations in the broker's tools; the database row is the record.
+        queue = Queue(COMPENSATION_DEAD_LETTER_QUEUE, durable=True)
+        producer.publish(
+            message.body,
+            exchange="",
+            routing_key=COMPENSATION_DEAD_LETTER_QUEUE,
+            declare=[queue],
+            serializer="json",
+            delivery_mode=2,
+            headers={**message.headers, "message_id": message.id},
+            message_id=message.id,
+        )
+
     def publish(self, messages_: Sequence[OutboxMessage]) -> None:
         try:
             with self.app.producer_or_acquire() as producer:
@@ -168,6 +184,9 @@ class CeleryPublisher:
                 for message in messages_:
                     if message.kind != "task":
                         raise PublishError(f"cannot publish {message.kind} {message.id} as a task")
+                    if message.queue == COMPENSATION_DEAD_LETTER_QUEUE:
+                        self._publish_dead_letter_copy(producer, message)
+                        continue
                     self.app.send_task(
                         message.destination,
                         kwargs=message.body,

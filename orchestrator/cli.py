@@ -15,15 +15,16 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from typing import Any, NoReturn, TextIO
 
 from pydantic import ValidationError
 
 from orchestrator.app import Orchestrator
-from orchestrator.client import RunDescription, WorkflowHandle
+from orchestrator.cli_operations import HANDLERS as OPERATIONS_HANDLERS
+from orchestrator.cli_operations import add_operations_commands
+from orchestrator.cli_output import CliError, emit, print_description, print_history
+from orchestrator.client import WorkflowHandle
 from orchestrator.errors import ConfigurationError, ResultTimeoutError, WorkflowFailedError
-from orchestrator.history import RecordedEvent
 from orchestrator.logs import configure_logging
 from orchestrator.policies import IdConflictPolicy, IdReusePolicy
 from orchestrator.settings import Settings
@@ -32,12 +33,11 @@ from outbox.errors import OrchestratorError
 EXIT_USAGE = 2
 
 
-class CliError(OrchestratorError):
-    """A mistake on the command line."""
-
-
 def load_app(ref: str | None, settings: Settings) -> Orchestrator:
-    """The Orchestrator named by ``module:attribute``, or an empty one for read-only commands."""
+    """The Orchestrator (or a factory of one) named by ``module:attribute``.
+
+    With no reference, an Orchestrator with no workflows, for read-only commands.
+    """
     if not ref:
         return Orchestrator(settings=settings)
     module_name, _, attribute = ref.partition(":")
@@ -48,62 +48,15 @@ def load_app(ref: str | None, settings: Settings) -> Orchestrator:
             f"cannot import application module {module_name!r}: {exc}"
         ) from exc
     target = getattr(module, attribute or "orchestrator", None)
+    if callable(target) and not isinstance(target, Orchestrator):
+        # A factory (``module:build``): it reads the settings as they are now.
+        target = target()
     if not isinstance(target, Orchestrator):
         raise ConfigurationError(f"{ref!r} is not an Orchestrator")
     return target
 
 
 # ----------------------------------------------------------------------------- output
-def _time(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
-
-
-def print_description(out: TextIO, run: RunDescription) -> None:
-    rows = [
-        ("workflow id", run.workflow_id),
-        ("run id", run.run_id),
-        ("type", run.workflow_type),
-        ("status", run.status.value + (" (cancel requested)" if run.cancel_requested else "")),
-        ("started", _time(run.created_at)),
-        ("closed", _time(run.closed_at)),
-        ("events", str(run.history_length)),
-    ]
-    if run.result is not None:
-        rows.append(("result", json.dumps(run.result)))
-    if run.failure is not None:
-        rows.append(("failure", f"{run.failure.type}: {run.failure.message}"))
-    if run.task_failure is not None:
-        rows.append(("task failure", f"{run.task_failure.type}: {run.task_failure.message}"))
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        out.write(f"{name.ljust(width)}  {value}\n")
-
-
-def event_summary(event: RecordedEvent) -> str:
-    attributes = event.event.model_dump(mode="json")
-    detail = attributes.get("activity_type") or ""
-    if attributes.get("is_compensation"):
-        detail += " (compensation)"
-    if "attempt" in attributes and event.event.TYPE != "ActivityScheduled":
-        detail += f" attempt {attributes['attempt']}"
-    failure = attributes.get("failure")
-    if isinstance(failure, dict):
-        detail += f"  {failure.get('type')}: {failure.get('message')}"
-    return detail.strip()
-
-
-def print_history(out: TextIO, history: Sequence[RecordedEvent]) -> None:
-    if not history:
-        out.write("(no events)\n")
-        return
-    start = history[0].created_at
-    for event in history:
-        offset = (event.created_at - start).total_seconds() * 1000
-        out.write(
-            f"{event.seq:>4}  +{offset:>8.0f} ms  {event.event.TYPE:<20} {event_summary(event)}\n"
-        )
-
-
 # ---------------------------------------------------------------------------- commands
 def _db(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     from orchestrator import migrate
@@ -112,11 +65,11 @@ def _db(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     if args.db_command == "upgrade":
         migrate.upgrade(url, args.revision)
         revision = migrate.current_revision(url)
-        _emit(out, args, {"revision": revision}, f"database at revision {revision}\n")
+        emit(out, args, {"revision": revision}, f"database at revision {revision}\n")
     else:
         revision = migrate.current_revision(url)
         head = migrate.head_revision()
-        _emit(
+        emit(
             out,
             args,
             {"revision": revision, "head": head, "up_to_date": revision == head},
@@ -165,7 +118,7 @@ def _start(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) ->
     )
     if args.wait is not None:
         return _wait(args, handle, out)
-    _emit(
+    emit(
         out,
         args,
         {"workflow_id": handle.workflow_id, "run_id": handle.run_id},
@@ -219,9 +172,9 @@ def _history(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) 
 
 def _cancel(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -> int:
     handle = orchestrator.client().get_handle(args.workflow_id, args.run)
-    asked = handle.cancel(args.reason or "")
+    asked = handle.cancel(args.reason or "", actor=args.actor)
     text = "cancellation requested" if asked else "cancellation was already requested"
-    _emit(
+    emit(
         out,
         args,
         {"workflow_id": handle.workflow_id, "run_id": handle.run_id, "requested": asked},
@@ -232,8 +185,8 @@ def _cancel(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -
 
 def _terminate(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -> int:
     handle = orchestrator.client().get_handle(args.workflow_id, args.run)
-    handle.terminate(args.reason or "")
-    _emit(
+    handle.terminate(args.reason or "", actor=args.actor)
+    emit(
         out,
         args,
         {"workflow_id": handle.workflow_id, "run_id": handle.run_id, "terminated": True},
@@ -253,8 +206,8 @@ def _json_arg(text: str | None) -> Any:
 
 def _signal(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -> int:
     handle = orchestrator.client().get_handle(args.workflow_id, args.run)
-    handle.signal(args.name, _json_arg(args.arg))
-    _emit(
+    handle.signal(args.name, _json_arg(args.arg), actor=args.actor)
+    emit(
         out,
         args,
         {"workflow_id": handle.workflow_id, "signal": args.name},
@@ -296,10 +249,6 @@ def _replay(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -
     return 0 if all(r.ok for r in results) else 1
 
 
-def _emit(out: TextIO, args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
-    out.write(json.dumps(data) + "\n" if args.json else text)
-
-
 # ------------------------------------------------------------------------------ parser
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -313,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="module:attribute of your Orchestrator (default: $ORCHESTRATOR_APP)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument(
+        "--actor", help="who is acting, for the audit trail (default: $ORCHESTRATOR_ACTOR or user)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     db = commands.add_parser("db", help="manage the database schema")
@@ -354,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("history", "print a run's event history (--json exports it for replay)"),
         ("cancel", "ask a run to cancel (it compensates)"),
         ("terminate", "stop a run at once, running none of its code"),
+        ("pause", "stop a run dispatching anything new"),
+        ("resume", "let a paused run go on"),
         ("signal", "send a signal to a run"),
         ("query", "ask a run's query handler"),
     ):
@@ -363,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("name", help=f"{name} name")
             sub.add_argument("--arg", help="argument as JSON")
         sub.add_argument("--run", help="run id (default: the open or latest run)")
-        if name in ("cancel", "terminate"):
+        if name in ("cancel", "terminate", "pause", "resume"):
             sub.add_argument("--reason")
+
+    add_operations_commands(commands)
 
     replay = commands.add_parser(
         "replay", help="replay exported histories against the current code (before a deploy)"
@@ -390,6 +346,11 @@ _QUIET_COMMANDS = {
     "replay",
     "demo",
     "db",
+    "pause",
+    "resume",
+    "ls",
+    "dlq",
+    "audit",
 }
 
 
@@ -426,6 +387,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             "history": _history,
             "cancel": _cancel,
             "terminate": _terminate,
+            **OPERATIONS_HANDLERS,
             "signal": _signal,
             "query": _query,
             "replay": _replay,

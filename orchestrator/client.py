@@ -47,6 +47,7 @@ class RunDescription:
     failure: Failure | None
     history_length: int
     cancel_requested: bool
+    paused: bool
     task_failure: Failure | None
     created_at: datetime
     updated_at: datetime
@@ -63,6 +64,7 @@ class RunDescription:
             "failure": self.failure.to_json() if self.failure else None,
             "history_length": self.history_length,
             "cancel_requested": self.cancel_requested,
+            "paused": self.paused,
             "task_failure": self.task_failure.to_json() if self.task_failure else None,
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
@@ -223,6 +225,7 @@ class Client:
             failure=failure_of(row["failure"]),
             history_length=row["history_length"],
             cancel_requested=bool(row["cancel_requested"]),
+            paused=bool(row["paused"]),
             task_failure=failure_of(row["task_failure"]),
             created_at=as_utc(row["created_at"]),
             updated_at=as_utc(row["updated_at"]),
@@ -293,17 +296,27 @@ class WorkflowHandle:
             )
         return description.result
 
-    def cancel(self, reason: str = "") -> bool:
+    def cancel(self, reason: str = "", *, actor: str | None = None) -> bool:
         """Ask the run to cancel (its code gets CancelledError at its next await).
 
         Returns False if cancellation was already requested; raises RunClosedError
         if the run has closed.
         """
-        return self._client._orchestrator.engine.request_cancel(self._current_run_id(), reason)
+        return self._client._orchestrator.engine.request_cancel(
+            self._current_run_id(), reason, actor=actor
+        )
 
-    def terminate(self, reason: str = "") -> None:
+    def pause(self, reason: str = "", *, actor: str | None = None) -> bool:
+        """Stop the run dispatching anything new; False if it was already paused."""
+        return self._client._orchestrator.engine.pause(self._current_run_id(), reason, actor=actor)
+
+    def resume(self, reason: str = "", *, actor: str | None = None) -> bool:
+        """Let a paused run go on; False if it was not paused."""
+        return self._client._orchestrator.engine.resume(self._current_run_id(), reason, actor=actor)
+
+    def terminate(self, reason: str = "", *, actor: str | None = None) -> None:
         """Close the run at once without running its code (no compensation)."""
-        self._client._orchestrator.engine.terminate(self._current_run_id(), reason)
+        self._client._orchestrator.engine.terminate(self._current_run_id(), reason, actor=actor)
 
     def _current_run_id(self) -> str:
         """This run, or the run it continued as (an entity's latest run)."""
@@ -314,14 +327,14 @@ class WorkflowHandle:
             description = self._client._describe(run_id)
         return run_id
 
-    def signal(self, name: str, arg: Any = NO_ARG) -> None:
+    def signal(self, name: str, arg: Any = NO_ARG, *, actor: str | None = None) -> None:
         """Send the signal ``name``; signals are delivered in the order they are sent."""
         client = self._client
         engine = client._orchestrator.engine
         run_id = self._current_run_id()
         payload = client._signal_payload(self.describe().workflow_type, name, arg)
         with engine.sessions() as session:
-            engine.signal(session, run_id, name, payload)
+            engine.signal(session, run_id, name, payload, actor=actor)
             engine.commit(session)
 
     def query(self, name: str, arg: Any = NO_ARG) -> Any:

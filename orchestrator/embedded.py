@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from orchestrator import messages
+from orchestrator.dead_letters import COMPENSATION_DEAD_LETTER_QUEUE
 from orchestrator.schema import activity_tasks, workflow_runs
 from outbox.message import OutboxMessage
 
@@ -102,6 +103,8 @@ class EmbeddedBroker:
             engine.child_closed(**body)
         elif message.destination == messages.RUN_CONTROL:
             engine.run_control(body["run_id"], body["action"], body["reason"])
+        elif message.queue == COMPENSATION_DEAD_LETTER_QUEUE:
+            log.warning("compensation dead-lettered: %s", message.body.get("activity_type"))
         elif message.destination == messages.START_WORKFLOW:
             self._orchestrator.start_from_message(
                 body["workflow_type"], body["workflow_id"], body.get("input")

@@ -19,14 +19,15 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine as DbEngine
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, null, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from activities.failure import Failure
-from orchestrator import messages
+from orchestrator import audit, messages
 from orchestrator.activity_runner import ActivityRunner
 from orchestrator.db import session_factory, utcnow
+from orchestrator.dead_letters import DeadLetters
 from orchestrator.errors import (
     HistoryLimitError,
     NondeterminismError,
@@ -56,7 +57,7 @@ from orchestrator.instance import ActivityDefaults, WorkflowInstance
 from orchestrator.policies import IdConflictPolicy, IdReusePolicy, ParentClosePolicy, RunStatus
 from orchestrator.registry import Registry
 from orchestrator.runs import InstanceCache, LockedRun, load_history, lock_run, save_run
-from orchestrator.schema import workflow_runs
+from orchestrator.schema import activity_tasks, workflow_runs
 from orchestrator.settings import Settings
 from orchestrator.timers import TimerService, cancel_timer, delete_run_timers, start_timer
 from outbox.message import OutboxMessage
@@ -103,6 +104,7 @@ class Engine:
         self.cache = InstanceCache(settings.instance_cache_size)
         self.activities = ActivityRunner(self)
         self.timers = TimerService(self)
+        self.dead_letters = DeadLetters(self)
         self._defaults = ActivityDefaults(
             start_to_close=settings.default_start_to_close_seconds,
             max_payload_bytes=settings.max_payload_bytes,
@@ -179,6 +181,7 @@ class Engine:
                 history_length=0,
                 processed_seq=0,
                 cancel_requested=False,
+                paused=False,
                 task_failures=0,
                 parent_run_id=parent.run_id if parent else None,
                 parent_child_id=parent.child_id if parent else None,
@@ -246,7 +249,12 @@ class Engine:
         try:
             with self.sessions() as session:
                 run = lock_run(session, run_id)
-                if run is None or not run.is_open or run.processed_seq >= run.history_length:
+                if (
+                    run is None
+                    or not run.is_open
+                    or run.paused
+                    or run.processed_seq >= run.history_length
+                ):
                     return
                 self._advance(session, run)
                 self.commit(session)
@@ -297,7 +305,7 @@ class Engine:
         instance.recorded(len(commands))
         run.processed_seq = run.history_length
         run.changes["processed_seq"] = run.history_length
-        run.changes["task_failure"] = None
+        run.changes["task_failure"] = null()  # SQL NULL, not a JSON null
         for event in follow_ups:
             # Results known at once (a child that could not start) are new events
             # for the next workflow task.
@@ -462,8 +470,8 @@ class Engine:
 
     def after_result(self, session: Session, run: LockedRun) -> None:
         """A result event was appended: advance here (fast path) or ask for a workflow task."""
-        if not run.is_open:
-            return
+        if not run.is_open or run.paused:
+            return  # a paused run catches up when it is resumed
         if self.settings.fast_path and self.registry.has_workflow(run.workflow_type):
             try:
                 with session.begin_nested():
@@ -515,21 +523,23 @@ class Engine:
             raise RunClosedError(f"run {run_id} is already {run.status.value}")
         return run
 
-    def request_cancel(self, run_id: str, reason: str = "") -> bool:
+    def request_cancel(self, run_id: str, reason: str = "", *, actor: str | None = None) -> bool:
         """Ask a run to cancel; False if it was already asked. RunClosedError if closed."""
         with self.sessions() as session:
             run = self._open_run(session, run_id)
             if run.cancel_requested:
                 return False
+            now = self.clock()
             run.cancel_requested = True
             run.changes["cancel_requested"] = True
             run.append(CancelRequested(reason=reason))
-            save_run(session, run, self.clock())
+            save_run(session, run, now)
+            self._audit(session, run, "cancel", actor=actor, reason=reason, now=now)
             self.after_result(session, run)
             self.commit(session)
         return True
 
-    def terminate(self, run_id: str, reason: str = "") -> None:
+    def terminate(self, run_id: str, reason: str = "", *, actor: str | None = None) -> None:
         """Close a run at once, running none of its code (no compensation)."""
         with self.sessions() as session:
             run = self._open_run(session, run_id)
@@ -540,17 +550,96 @@ class Engine:
             run.processed_seq = run.history_length
             run.changes["processed_seq"] = run.history_length
             save_run(session, run, now)
+            self._audit(session, run, "terminate", actor=actor, reason=reason, now=now)
             session.commit()
         dropped = self.cache.take(run_id)
         if dropped is not None:
             dropped.close()
 
-    def signal(self, session: Session, run_id: str, name: str, payload: Any) -> None:
+    def signal(
+        self, session: Session, run_id: str, name: str, payload: Any, *, actor: str | None = None
+    ) -> None:
         """Record a signal inside ``session`` (the caller commits through ``commit``)."""
         run = self._open_run(session, run_id)
+        now = self.clock()
         run.append(SignalReceived(name=name, input=payload))
-        save_run(session, run, self.clock())
+        save_run(session, run, now)
+        self._audit(
+            session, run, "signal", actor=actor, reason=None, now=now, details={"signal": name}
+        )
         self.after_result(session, run)
+
+    def pause(self, run_id: str, reason: str = "", *, actor: str | None = None) -> bool:
+        """Stop a run dispatching anything new; False if it was already paused."""
+        with self.sessions() as session:
+            run = self._open_run(session, run_id)
+            if run.paused:
+                return False
+            now = self.clock()
+            run.changes["paused"] = True
+            save_run(session, run, now)
+            self._audit(session, run, "pause", actor=actor, reason=reason, now=now)
+            session.commit()
+        return True
+
+    def resume(self, run_id: str, reason: str = "", *, actor: str | None = None) -> bool:
+        """Let a paused run go on: it catches up on what arrived while it was paused."""
+        with self.sessions() as session:
+            run = self._open_run(session, run_id)
+            if not run.paused:
+                return False
+            now = self.clock()
+            run.paused = False
+            run.changes["paused"] = False
+            save_run(session, run, now)
+            self._audit(session, run, "resume", actor=actor, reason=reason, now=now)
+            waiting = session.execute(
+                select(
+                    activity_tasks.c.activity_id,
+                    activity_tasks.c.activity_type,
+                    activity_tasks.c.attempt,
+                    activity_tasks.c.task_queue,
+                ).where(activity_tasks.c.run_id == run_id, activity_tasks.c.status == "SCHEDULED")
+            ).all()
+            outgoing = [
+                messages.workflow_task(run.run_id, run.workflow_id, self.settings.workflow_queue)
+            ]
+            outgoing += [
+                messages.activity_task(
+                    run_id=run.run_id,
+                    workflow_id=run.workflow_id,
+                    activity_id=activity_id,
+                    activity_type=activity_type,
+                    attempt=attempt,
+                    queue=task_queue,
+                )
+                for activity_id, activity_type, attempt, task_queue in waiting
+            ]
+            self.outbox.add(session, outgoing)
+            session.commit()
+        return True
+
+    @staticmethod
+    def _audit(
+        session: Session,
+        run: LockedRun,
+        action: str,
+        *,
+        actor: str | None,
+        reason: str | None,
+        now: datetime,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        audit.record(
+            session,
+            action=action,
+            at=now,
+            actor=actor,
+            workflow_id=run.workflow_id,
+            run_id=run.run_id,
+            reason=reason,
+            details=details,
+        )
 
     def query(self, run_id: str, name: str, payload: Any) -> Any:
         """Replay a run's processed history in a private instance and ask it ``name``."""

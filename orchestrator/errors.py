@@ -141,3 +141,7 @@ class ContinueAsNew(BaseException):
     def __init__(self, input: Any) -> None:
         super().__init__("continue as new")
         self.input = input
+
+
+class DeadLetterNotFoundError(OrchestratorError, LookupError):
+    """No dead letter has that id."""

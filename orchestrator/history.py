@@ -60,6 +60,17 @@ class ActivityCompleted(HistoryEvent):
     result: Any = None
 
 
+class ActivityDeadLettered(HistoryEvent):
+    """A compensation exhausted its retries; it waits for an operator, the run is blocked."""
+
+    TYPE: ClassVar[str] = "ActivityDeadLettered"
+    activity_id: str
+    activity_type: str
+    attempt: int
+    dead_letter_id: str
+    failure: dict[str, Any]
+
+
 class ActivityFailed(HistoryEvent):
     TYPE: ClassVar[str] = "ActivityFailed"
     activity_id: str
@@ -189,6 +200,7 @@ EVENT_TYPES: dict[str, type[HistoryEvent]] = {
         ActivityScheduled,
         ActivityCompleted,
         ActivityFailed,
+        ActivityDeadLettered,
         CancelRequested,
         WorkflowCompleted,
         WorkflowFailed,

@@ -6,9 +6,14 @@ from enum import StrEnum
 
 
 class RunStatus(StrEnum):
-    """Where a run is. Every status but RUNNING is final."""
+    """Where a run is. RUNNING and COMPENSATION_BLOCKED are open; the rest are final.
+
+    COMPENSATION_BLOCKED: a compensation exhausted its retries and waits in the
+    dead-letter list for an operator (``orchestrator dlq replay``).
+    """
 
     RUNNING = "RUNNING"
+    COMPENSATION_BLOCKED = "COMPENSATION_BLOCKED"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     COMPENSATED = "COMPENSATED"
@@ -18,7 +23,7 @@ class RunStatus(StrEnum):
 
     @property
     def is_closed(self) -> bool:
-        return self is not RunStatus.RUNNING
+        return self not in (RunStatus.RUNNING, RunStatus.COMPENSATION_BLOCKED)
 
 
 class IdReusePolicy(StrEnum):

@@ -34,6 +34,7 @@ class LockedRun:
     history_length: int
     processed_seq: int
     cancel_requested: bool
+    paused: bool = False
     changes: dict[str, Any] = field(default_factory=dict)
     appended: list[tuple[int, HistoryEvent]] = field(default_factory=list)
 
@@ -59,6 +60,7 @@ def lock_run(session: Session, run_id: str, *, skip_locked: bool = False) -> Loc
                 workflow_runs.c.history_length,
                 workflow_runs.c.processed_seq,
                 workflow_runs.c.cancel_requested,
+                workflow_runs.c.paused,
             )
             .where(workflow_runs.c.run_id == run_id)
             .with_for_update(skip_locked=skip_locked)
@@ -76,6 +78,7 @@ def lock_run(session: Session, run_id: str, *, skip_locked: bool = False) -> Loc
         history_length=row["history_length"],
         processed_seq=row["processed_seq"],
         cancel_requested=bool(row["cancel_requested"]),
+        paused=bool(row["paused"]),
     )
 
 

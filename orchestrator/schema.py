@@ -25,6 +25,8 @@ from outbox.schema import metadata, outbox_messages
 
 __all__ = [
     "activity_tasks",
+    "audit_log",
+    "dead_letters",
     "metadata",
     "outbox_messages",
     "timers",
@@ -47,6 +49,8 @@ workflow_runs = Table(
     Column("history_length", Integer, nullable=False, server_default=text("0")),
     Column("processed_seq", Integer, nullable=False, server_default=text("0")),
     Column("cancel_requested", Boolean, nullable=False, server_default=text("false")),
+    # A paused run dispatches nothing new until it is resumed.
+    Column("paused", Boolean, nullable=False, server_default=text("false")),
     # The last workflow task that failed (nondeterminism, a bug in workflow code):
     # recorded outside the history, which stays untouched.
     Column("task_failure", JSON, nullable=True),
@@ -113,6 +117,9 @@ activity_tasks = Table(
     Column("task_queue", String(255), nullable=False),
     Column("input", JSON, nullable=True),
     Column("attempt", Integer, nullable=False),
+    # Attempts before this one do not count against the retry policy (a dead
+    # letter replayed by an operator gets a fresh budget).
+    Column("attempt_base", Integer, nullable=False, server_default=text("0")),
     # SCHEDULED -> STARTED -> COMPLETED | BACKOFF (a retry timer waits) | FAILED
     Column("status", String(16), nullable=False),
     Column("retry_policy", JSON, nullable=False),
@@ -164,3 +171,44 @@ timers = Table(
     Column("note", Text, nullable=True),
 )
 Index("ix_timers_fire_at", timers.c.fire_at)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("kind", String(32), nullable=False),  # "compensation"
+    Column("run_id", String(36), nullable=False),
+    Column("workflow_id", String(255), nullable=False),
+    Column("workflow_type", String(255), nullable=False),
+    Column("activity_id", String(32), nullable=False),
+    Column("activity_type", String(255), nullable=False),
+    Column("input", JSON, nullable=True),
+    Column("attempts", JSON, nullable=False),  # every attempt's error, in order
+    Column("status", String(16), nullable=False),  # OPEN | REPLAYED | DISCARDED
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("resolved_at", DateTime(timezone=True), nullable=True),
+    Column("resolved_by", String(255), nullable=True),
+    Column("resolution", Text, nullable=True),
+)
+Index(
+    "ix_dead_letters_open",
+    dead_letters.c.created_at,
+    postgresql_where=dead_letters.c.status == "OPEN",
+    sqlite_where=dead_letters.c.status == "OPEN",
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("actor", String(255), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("workflow_id", String(255), nullable=True),
+    Column("run_id", String(36), nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("details", JSON, nullable=True),
+)
+Index("ix_audit_log_at", audit_log.c.at)

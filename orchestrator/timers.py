@@ -18,7 +18,7 @@ from orchestrator.activity_runner import ACTIVITY_RETRY
 from orchestrator.db import as_utc
 from orchestrator.history import TimerFired
 from orchestrator.runs import LockedRun, lock_run, save_run
-from orchestrator.schema import activity_tasks, timers
+from orchestrator.schema import activity_tasks, timers, workflow_runs
 
 if TYPE_CHECKING:
     from orchestrator.engine import Engine
@@ -66,7 +66,9 @@ class TimerService:
         with engine.sessions() as session:
             due_timers = session.execute(
                 select(timers.c.id, timers.c.run_id)
-                .where(timers.c.fire_at <= now)
+                .join(workflow_runs, workflow_runs.c.run_id == timers.c.run_id)
+                # A paused run's timers wait; they fire once it is resumed.
+                .where(timers.c.fire_at <= now, workflow_runs.c.paused.is_(False))
                 .order_by(timers.c.fire_at)
                 .limit(limit)
             ).all()

@@ -32,6 +32,7 @@ def redispatch_stalled(engine: Engine, *, stale_after: float, limit: int = 100) 
             select(workflow_runs.c.run_id, workflow_runs.c.workflow_id)
             .where(
                 workflow_runs.c.closed_at.is_(None),
+                workflow_runs.c.paused.is_(False),
                 workflow_runs.c.processed_seq < workflow_runs.c.history_length,
                 workflow_runs.c.updated_at < cutoff,
             )
@@ -51,6 +52,7 @@ def redispatch_stalled(engine: Engine, *, stale_after: float, limit: int = 100) 
             .where(
                 activity_tasks.c.status == "SCHEDULED",
                 activity_tasks.c.attempt_scheduled_at < cutoff,
+                workflow_runs.c.paused.is_(False),
             )
             .limit(limit)
             .with_for_update(of=activity_tasks, skip_locked=True)

@@ -38,7 +38,7 @@ from examples.order_fulfillment.schema import (
     payments,
     shipments,
 )
-from examples.order_fulfillment.services import get_engine
+from examples.order_fulfillment.services import get_engine, is_down
 
 __all__ = [
     "cancel_shipment",
@@ -294,11 +294,12 @@ def charge_payment(order: Order) -> str:
 def refund_payment(order: Order) -> None:
     """Refund what this saga run charged for the order; nothing if nothing was charged.
 
-    With ``order.simulate.refund_fails`` every attempt raises a retryable
-    ``RefundGatewayDown``.
+    With ``order.simulate.refund_fails``, or while the ``refunds`` gateway is marked
+    down (:func:`services.set_outage`), every attempt raises a retryable
+    ``RefundGatewayDown``; once its retries run out the refund is dead-lettered.
     """
     _simulate_transient_failure(order)
-    if order.simulate.refund_fails:
+    if order.simulate.refund_fails or is_down("refunds"):
         raise ApplicationError("the refund gateway is unavailable", type="RefundGatewayDown")
     info = activity.info()
     with get_engine().begin() as conn:

@@ -72,11 +72,15 @@ class Simulation(_Model):
             a retryable ``TransientError`` before doing anything.
         refund_fails: ``refund_payment`` raises a retryable ``RefundGatewayDown``
             on every attempt, so that the compensation eventually fails for good.
+        compensation_attempts: When set, compensations give up (and are
+            dead-lettered) after this many attempts, 100 ms apart, instead of
+            their usual policy: demos and tests need not wait half a minute.
     """
 
     charge_delay_seconds: float = Field(default=0, ge=0)
     fail_first_attempts: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     refund_fails: bool = False
+    compensation_attempts: int | None = Field(default=None, ge=1)
 
 
 class Order(_Model):

@@ -27,6 +27,7 @@ from sqlalchemy import (
 
 __all__ = [
     "INITIAL_STOCK",
+    "gateway_outages",
     "inventory_reservations",
     "inventory_stock",
     "metadata",
@@ -95,6 +96,15 @@ shipments = Table(
     Column("cancelled_at", DateTime(timezone=True), nullable=True),
 )
 Index("ix_shipments_order", shipments.c.order_id)
+
+gateway_outages = Table(
+    "gateway_outages",
+    metadata,
+    # A row per downstream service that is down (the refund gateway, say): lets a
+    # demo or a test break a compensation and fix it again while runs are in flight.
+    Column("service", String(64), primary_key=True),
+    Column("since", DateTime(timezone=True), nullable=False),
+)
 
 notifications = Table(
     "notifications",

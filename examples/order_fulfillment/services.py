@@ -12,15 +12,28 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 
 from sqlalchemy import Connection, Engine, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
-from examples.order_fulfillment.schema import INITIAL_STOCK, inventory_stock, metadata
+from examples.order_fulfillment.schema import (
+    INITIAL_STOCK,
+    gateway_outages,
+    inventory_stock,
+    metadata,
+)
 from orchestrator.db import create_db_engine
 from orchestrator.settings import Settings
 
-__all__ = ["database_url", "get_engine", "reset_engine_cache", "use_database"]
+__all__ = [
+    "database_url",
+    "get_engine",
+    "is_down",
+    "reset_engine_cache",
+    "set_outage",
+    "use_database",
+]
 
 # Any fixed number works: it only has to differ from other advisory locks taken
 # on the same database.
@@ -105,3 +118,19 @@ def _insert_missing_stock(conn: Connection) -> None:
         conn.execute(sqlite.insert(inventory_stock).on_conflict_do_nothing(), rows)
     else:
         conn.execute(inventory_stock.insert(), rows)
+
+
+def set_outage(service: str, down: bool) -> None:
+    """Mark a downstream service down (or back up) for every process."""
+    with get_engine().begin() as conn:
+        conn.execute(gateway_outages.delete().where(gateway_outages.c.service == service))
+        if down:
+            conn.execute(gateway_outages.insert().values(service=service, since=datetime.now(UTC)))
+
+
+def is_down(service: str) -> bool:
+    with get_engine().connect() as conn:
+        found = conn.execute(
+            select(gateway_outages.c.service).where(gateway_outages.c.service == service)
+        ).first()
+    return found is not None

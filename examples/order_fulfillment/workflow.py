@@ -7,6 +7,9 @@ the clock, randomness or any I/O.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
+from activities import RetryPolicy
 from examples.order_fulfillment.activities import (
     cancel_shipment,
     charge_payment,
@@ -39,17 +42,26 @@ class OrderSaga:
     async def run(self, order: Order) -> OrderResult:
         log = workflow.logger
         log.info("order %s: %d cents", order.order_id, order.total_cents)
+        undo_retry = (
+            RetryPolicy(
+                initial_interval=timedelta(milliseconds=100),
+                backoff_coefficient=1.0,
+                maximum_attempts=order.simulate.compensation_attempts,
+            )
+            if order.simulate.compensation_attempts
+            else None
+        )
         try:
             async with workflow.Saga() as saga:
-                saga.add_compensation(release_inventory, order)
+                saga.add_compensation(release_inventory, order, retry=undo_retry)
                 reservation_id: str = await workflow.execute_activity(reserve_inventory, order)
                 log.info("order %s: inventory reserved (%s)", order.order_id, reservation_id)
 
-                saga.add_compensation(refund_payment, order)
+                saga.add_compensation(refund_payment, order, retry=undo_retry)
                 charge_id: str = await workflow.execute_activity(charge_payment, order)
                 log.info("order %s: payment charged (%s)", order.order_id, charge_id)
 
-                saga.add_compensation(cancel_shipment, order)
+                saga.add_compensation(cancel_shipment, order, retry=undo_retry)
                 shipment: Shipment = await workflow.execute_activity(create_shipment, order)
                 log.info(
                     "order %s: shipment created (%s, tracking %s)",
