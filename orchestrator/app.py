@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,8 @@ from orchestrator.errors import WorkflowAlreadyStartedError
 from orchestrator.policies import IdConflictPolicy, IdReusePolicy
 from orchestrator.registry import Registry
 from orchestrator.settings import Settings
-from outbox.errors import OrchestratorError
+from outbox.errors import OrchestratorError, PublishError
+from outbox.message import OutboxMessage
 from outbox.publisher import Publisher
 from outbox.relay import Relay
 from outbox.writer import OutboxWriter
@@ -35,6 +36,22 @@ if TYPE_CHECKING:
     from orchestrator.embedded import EmbeddedBroker
 
 log = logging.getLogger("orchestrator")
+
+
+class PublisherByKind:
+    """One publisher per message kind: Celery tasks and domain events."""
+
+    def __init__(self, publishers: dict[str, Publisher]) -> None:
+        self._publishers = publishers
+
+    def publish(self, messages: Sequence[OutboxMessage]) -> None:
+        for kind, publisher in self._publishers.items():
+            batch = [message for message in messages if message.kind == kind]
+            if batch:
+                publisher.publish(batch)
+        unknown = {m.kind for m in messages} - set(self._publishers)
+        if unknown:
+            raise PublishError(f"no publisher for message kinds {sorted(unknown)}")
 
 
 class Orchestrator:
@@ -92,12 +109,29 @@ class Orchestrator:
                     self._embedded = EmbeddedBroker(self)
                     self._publisher = self._embedded
                 else:
+                    from events import EventPublisher
+                    from events.config import EventSettings
                     from orchestrator.celery_app import CeleryPublisher
 
-                    self._publisher = CeleryPublisher(
-                        self.celery, dead_letter_exchange=self.settings.dead_letter_exchange
+                    self._publisher = PublisherByKind(
+                        {
+                            "task": CeleryPublisher(
+                                self.celery,
+                                dead_letter_exchange=self.settings.dead_letter_exchange,
+                            ),
+                            "event": EventPublisher(
+                                self.settings.broker_url,
+                                exchange=EventSettings().events_exchange,
+                            ),
+                        }
                     )
             return self._publisher
+
+    @property
+    def _relay_only_kinds(self) -> frozenset[str]:
+        # Events go out only through the relay, which keeps each workflow's events
+        # in commit order; the in-process broker has a single queue, so no need.
+        return frozenset() if self.settings.embedded else frozenset({"event"})
 
     @property
     def engine(self) -> Engine:
@@ -111,6 +145,7 @@ class Orchestrator:
                         self.db,
                         self.publisher,
                         publish_after_commit=self.settings.publish_after_commit,
+                        relay_only_kinds=self._relay_only_kinds,
                     ),
                     clock=self.clock,
                 )
@@ -131,6 +166,7 @@ class Orchestrator:
             self.publisher,
             grace=self.settings.relay_grace_seconds,
             poll_interval=self.settings.relay_poll_seconds,
+            relay_only_kinds=self._relay_only_kinds,
         )
 
     def run_scheduler(self, stop: threading.Event) -> None:

@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TextIO
 
 from pydantic import ValidationError
 
+from events import cli as events_cli
 from orchestrator.app import Orchestrator
 from orchestrator.cli_operations import HANDLERS as OPERATIONS_HANDLERS
 from orchestrator.cli_operations import add_operations_commands
@@ -321,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--reason")
 
     add_operations_commands(commands)
+    events_cli.add_commands(commands)
 
     replay = commands.add_parser(
         "replay", help="replay exported histories against the current code (before a deploy)"
@@ -370,10 +372,19 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "demo":
             from examples.order_fulfillment.demo import run_demo
 
-            status: int = run_demo(out, database_url=args.database_url, as_json=args.json)
-            return status
+            demo_status: int = run_demo(out, database_url=args.database_url, as_json=args.json)
+            return demo_status
         if args.command == "db":
             return _db(args, settings, out)
+        if args.command in events_cli.COMMANDS:
+            events_status: int = events_cli.run_command(
+                args,
+                settings_database_url=settings.database_url,
+                broker_url=settings.broker_url,
+                out=out,
+                as_json=args.json,
+            )
+            return events_status
         orchestrator = load_app(args.app or settings.app, settings)
         if args.command == "worker":
             return _worker(args, orchestrator, out)

@@ -25,6 +25,7 @@ from orchestrator.activity_runner import activity_row, set_activity
 from orchestrator.db import as_utc
 from orchestrator.errors import DeadLetterNotFoundError
 from orchestrator.history import ActivityDeadLettered, ActivityFailed
+from orchestrator.lifecycle import CompensationDeadLettered, lifecycle_message
 from orchestrator.policies import RunStatus
 from orchestrator.runs import LockedRun, lock_run, save_run
 from orchestrator.schema import dead_letters
@@ -90,9 +91,20 @@ class DeadLetters:
         )
         run.status = RunStatus.COMPENSATION_BLOCKED
         run.changes["status"] = RunStatus.COMPENSATION_BLOCKED.value
+        notices = []
+        if self.engine.settings.lifecycle_events:
+            notice = CompensationDeadLettered(
+                workflow_id=run.workflow_id,
+                run_id=run.run_id,
+                workflow_type=run.workflow_type,
+                activity_type=row["activity_type"],
+                dead_letter_id=dead_letter_id,
+            )
+            notices.append(lifecycle_message(notice, suffix=f"dead-letter:{dead_letter_id[:8]}"))
         self.engine.outbox.add(
             session,
             [
+                *notices,
                 OutboxMessage(
                     kind="task",
                     destination="orchestrator.compensation_dead_lettered",
@@ -107,7 +119,7 @@ class DeadLetters:
                         "attempts": attempts,
                     },
                     headers={"workflow_id": run.workflow_id, "reason": failure.message[:200]},
-                )
+                ),
             ],
         )
 

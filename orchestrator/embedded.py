@@ -8,6 +8,7 @@ embedded mode re-dispatches unfinished work when it starts.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
+from events import SubscriberRuntime, load_subscriber_modules, subscriptions
 from orchestrator import messages
 from orchestrator.dead_letters import COMPENSATION_DEAD_LETTER_QUEUE
 from orchestrator.schema import activity_tasks, workflow_runs
@@ -39,6 +41,7 @@ class EmbeddedBroker:
         self._busy = 0
         self._idle = threading.Condition()
         self.started = False
+        self._runtime: SubscriberRuntime | None = None
 
     def publish(self, messages_: Sequence[OutboxMessage]) -> None:
         for message in messages_:
@@ -103,6 +106,8 @@ class EmbeddedBroker:
             engine.child_closed(**body)
         elif message.destination == messages.RUN_CONTROL:
             engine.run_control(body["run_id"], body["action"], body["reason"])
+        elif message.kind == "event":
+            self._deliver_event(message)
         elif message.queue == COMPENSATION_DEAD_LETTER_QUEUE:
             log.warning("compensation dead-lettered: %s", message.body.get("activity_type"))
         elif message.destination == messages.START_WORKFLOW:
@@ -111,6 +116,27 @@ class EmbeddedBroker:
             )
         else:
             engine.activity_task(body["run_id"], body["activity_id"], body["attempt"])
+
+    def _deliver_event(self, message: OutboxMessage) -> None:
+        """Hand a domain event to this process's subscribers, each group once."""
+        runtime = self._subscribers()
+        if runtime is None:
+            return
+        body = json.dumps(message.body)
+        for group in runtime.groups:
+            outcome = runtime.process(group, body)
+            if outcome.action != "ack":
+                log.warning("event %s for %s: %s", message.destination, group, outcome.reason)
+
+    def _subscribers(self) -> SubscriberRuntime | None:
+        if self._runtime is None:
+            load_subscriber_modules()
+            if not subscriptions.groups():
+                return None
+            self._runtime = SubscriberRuntime(
+                self._orchestrator.db, "memory://", subscriptions=subscriptions
+            )
+        return self._runtime
 
     def _recover(self) -> None:
         """Re-dispatch what a previous process left in flight (its queue died with it)."""

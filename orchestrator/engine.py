@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from activities.failure import Failure
+from events import EventEnvelope, event_message
 from orchestrator import audit, messages
 from orchestrator.activity_runner import ActivityRunner
 from orchestrator.db import session_factory, utcnow
@@ -42,6 +43,7 @@ from orchestrator.history import (
     CancelRequested,
     ChildWorkflowClosed,
     ChildWorkflowScheduled,
+    EventEmitted,
     HistoryEvent,
     SignalReceived,
     TimerCancelled,
@@ -54,6 +56,7 @@ from orchestrator.history import (
     WorkflowTerminated,
 )
 from orchestrator.instance import ActivityDefaults, WorkflowInstance
+from orchestrator.lifecycle import WorkflowClosed, WorkflowRunStarted, lifecycle_message
 from orchestrator.policies import IdConflictPolicy, IdReusePolicy, ParentClosePolicy, RunStatus
 from orchestrator.registry import Registry
 from orchestrator.runs import InstanceCache, LockedRun, load_history, lock_run, save_run
@@ -209,9 +212,13 @@ class Engine:
             )
         )
         save_run(session, run, now)
-        self.outbox.add(
-            session, [messages.workflow_task(run_id, workflow_id, self.settings.workflow_queue)]
-        )
+        outgoing = [messages.workflow_task(run_id, workflow_id, self.settings.workflow_queue)]
+        if self.settings.lifecycle_events:
+            started = WorkflowRunStarted(
+                workflow_id=workflow_id, run_id=run_id, workflow_type=workflow_type
+            )
+            outgoing.append(lifecycle_message(started, suffix="started"))
+        self.outbox.add(session, outgoing)
         return run_id
 
     @staticmethod
@@ -298,6 +305,8 @@ class Engine:
                 start_timer(session, run, command.timer_id, command.seconds, now)
             elif isinstance(command, TimerCancelled):
                 cancel_timer(session, run, command.timer_id)
+            elif isinstance(command, EventEmitted):
+                outgoing.append(event_message(EventEnvelope.model_validate(command.envelope)))
             elif isinstance(command, ChildWorkflowScheduled):
                 follow_ups.extend(self._start_child(session, run, command))
             elif command.TYPE in CLOSING_EVENTS:
@@ -416,6 +425,17 @@ class Engine:
             ).to_json()
         delete_run_timers(session, run.run_id)
         outgoing = self._close_children(session, run)
+        if self.settings.lifecycle_events:
+            failure = run.changes.get("failure")
+            closed = WorkflowClosed(
+                workflow_id=run.workflow_id,
+                run_id=run.run_id,
+                workflow_type=run.workflow_type,
+                status=status.value,
+                failure_type=failure.get("type") if isinstance(failure, dict) else None,
+                failure_message=failure.get("message") if isinstance(failure, dict) else None,
+            )
+            outgoing.append(lifecycle_message(closed, suffix="closed"))
         if status is not RunStatus.CONTINUED_AS_NEW:
             outgoing += self._notify_parent(session, run, status, run.changes)
         if outgoing:

@@ -127,6 +127,18 @@ class MarkerRecorded(HistoryEvent):
         return f"{self.TYPE}(patch {self.patch_id})"
 
 
+class EventEmitted(HistoryEvent):
+    """``workflow.emit``: a domain event, published when this transition commits."""
+
+    TYPE: ClassVar[str] = "EventEmitted"
+    IS_COMMAND: ClassVar[bool] = True
+    event_type: str
+    envelope: dict[str, Any]
+
+    def describe(self) -> str:
+        return f"{self.TYPE}({self.event_type})"
+
+
 class ChildWorkflowScheduled(HistoryEvent):
     TYPE: ClassVar[str] = "ChildWorkflowScheduled"
     IS_COMMAND: ClassVar[bool] = True
@@ -211,6 +223,7 @@ EVENT_TYPES: dict[str, type[HistoryEvent]] = {
         TimerFired,
         SignalReceived,
         MarkerRecorded,
+        EventEmitted,
         ChildWorkflowScheduled,
         ChildWorkflowClosed,
         WorkflowContinuedAsNew,

@@ -39,6 +39,7 @@ from orchestrator.history import (
     CancelRequested,
     ChildWorkflowClosed,
     ChildWorkflowScheduled,
+    EventEmitted,
     HistoryEvent,
     MarkerRecorded,
     RecordedEvent,
@@ -212,6 +213,25 @@ class WorkflowInstance:
     def timer_cancelled(self, timer_id: str) -> None:
         if self._timers.pop(timer_id, None) is not None:
             self._pending.append(TimerCancelled(timer_id=timer_id))
+
+    def emit(self, event: Any) -> None:
+        """Record a domain event; the engine publishes it with this transition."""
+        from events import EventEnvelope
+
+        envelope = EventEnvelope.wrap(
+            event,
+            correlation_id=self.workflow_id,
+            causation_id=self.run_id,
+            producer=self.defn.name,
+            occurred_at=self.now,
+            # Deterministic: a replay derives the same id, and the consumer's
+            # inbox recognises a redelivery of the same event.
+            event_id=f"{self.run_id}:{self.next_id('event')}",
+            max_payload_bytes=self.defaults.max_payload_bytes,
+        )
+        self._pending.append(
+            EventEmitted(event_type=envelope.type, envelope=envelope.model_dump(mode="json"))
+        )
 
     def wait_condition(self, predicate: Callable[[], bool]) -> asyncio.Future[bool]:
         future = self.loop.create_future()
@@ -446,6 +466,8 @@ def _same_command(recorded: HistoryEvent, issued: HistoryEvent) -> bool:
         return recorded.timer_id == issued.timer_id
     if isinstance(recorded, MarkerRecorded) and isinstance(issued, MarkerRecorded):
         return recorded.patch_id == issued.patch_id
+    if isinstance(recorded, EventEmitted) and isinstance(issued, EventEmitted):
+        return recorded.event_type == issued.event_type
     if isinstance(recorded, ChildWorkflowScheduled) and isinstance(issued, ChildWorkflowScheduled):
         return recorded.child_id == issued.child_id and (
             recorded.workflow_type == issued.workflow_type

@@ -21,6 +21,8 @@ from sqlalchemy import (
     text,
 )
 
+# The events package's inbox lives on the same MetaData: one migration history.
+import events.schema  # noqa: F401
 from outbox.schema import metadata, outbox_messages
 
 __all__ = [

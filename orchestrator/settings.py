@@ -66,6 +66,10 @@ class Settings(BaseSettings):
         default=True,
         description="Publish messages right after their commit; off leaves all to the relay.",
     )
+    lifecycle_events: bool = Field(
+        default=True,
+        description="Emit workflow.started / workflow.closed domain events for every run.",
+    )
     fast_path: bool = Field(
         default=True,
         description="Advance the workflow in the activity's completion transaction.",

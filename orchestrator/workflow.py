@@ -35,6 +35,7 @@ __all__ = [
     "continue_as_new",
     "defn",
     "deprecate_patch",
+    "emit",
     "execute_activity",
     "execute_child",
     "in_workflow",
@@ -153,6 +154,16 @@ async def sleep(duration: timedelta | float) -> None:
     seconds = duration.total_seconds() if isinstance(duration, timedelta) else float(duration)
     _instance()
     await asyncio.sleep(seconds)
+
+
+def emit(event: Any) -> None:
+    """Publish a domain event (a declared ``events.DomainEvent``) from workflow code.
+
+    It is recorded in the history and goes out through the outbox when this step
+    commits; replays record it again but never publish it twice. Its envelope
+    carries the workflow id as correlation id and the run id as causation id.
+    """
+    _instance().emit(event)
 
 
 async def wait_condition(

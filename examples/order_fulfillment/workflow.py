@@ -19,6 +19,13 @@ from examples.order_fulfillment.activities import (
     reserve_inventory,
     send_confirmation,
 )
+from examples.order_fulfillment.events import (
+    InventoryReserved,
+    OrderCompensated,
+    OrderCompleted,
+    PaymentCharged,
+    ShipmentCreated,
+)
 from examples.order_fulfillment.models import Order, OrderResult, Shipment
 from orchestrator import workflow
 from orchestrator.errors import ActivityError
@@ -54,14 +61,34 @@ class OrderSaga:
         try:
             async with workflow.Saga() as saga:
                 saga.add_compensation(release_inventory, order, retry=undo_retry)
+                started = workflow.now()
                 reservation_id: str = await workflow.execute_activity(reserve_inventory, order)
                 log.info("order %s: inventory reserved (%s)", order.order_id, reservation_id)
+                workflow.emit(
+                    InventoryReserved(
+                        order_id=order.order_id,
+                        started_at=started,
+                        finished_at=workflow.now(),
+                        reservation_id=reservation_id,
+                    )
+                )
 
                 saga.add_compensation(refund_payment, order, retry=undo_retry)
+                started = workflow.now()
                 charge_id: str = await workflow.execute_activity(charge_payment, order)
                 log.info("order %s: payment charged (%s)", order.order_id, charge_id)
+                workflow.emit(
+                    PaymentCharged(
+                        order_id=order.order_id,
+                        started_at=started,
+                        finished_at=workflow.now(),
+                        charge_id=charge_id,
+                        amount_cents=order.total_cents,
+                    )
+                )
 
                 saga.add_compensation(cancel_shipment, order, retry=undo_retry)
+                started = workflow.now()
                 shipment: Shipment = await workflow.execute_activity(create_shipment, order)
                 log.info(
                     "order %s: shipment created (%s, tracking %s)",
@@ -69,12 +96,32 @@ class OrderSaga:
                     shipment.shipment_id,
                     shipment.tracking_number,
                 )
+                workflow.emit(
+                    ShipmentCreated(
+                        order_id=order.order_id,
+                        started_at=started,
+                        finished_at=workflow.now(),
+                        shipment_id=shipment.shipment_id,
+                        tracking_number=shipment.tracking_number,
+                    )
+                )
         except ActivityError as exc:
             log.warning(
                 "order %s: %s failed (%s); completed steps were undone",
                 order.order_id,
                 exc.activity_type,
                 exc.failure.type,
+            )
+            # The saga has compensated by now: say so to whoever listens.
+            workflow.emit(
+                OrderCompensated(
+                    order_id=order.order_id,
+                    customer_email=order.customer_email,
+                    total_cents=order.total_cents,
+                    failed_step=exc.activity_type,
+                    reason=exc.failure.type,
+                    message=exc.failure.message,
+                )
             )
             raise
 
@@ -86,6 +133,16 @@ class OrderSaga:
             # for an operator to resend.
             log.warning("order %s: confirmation not sent: %s", order.order_id, exc.failure.message)
 
+        workflow.emit(
+            OrderCompleted(
+                order_id=order.order_id,
+                customer_email=order.customer_email,
+                total_cents=order.total_cents,
+                charge_id=charge_id,
+                shipment_id=shipment.shipment_id,
+                tracking_number=shipment.tracking_number,
+            )
+        )
         return OrderResult(
             order_id=order.order_id,
             reservation_id=reservation_id,

@@ -30,7 +30,14 @@ from events import (
 )
 from events.subscribers import validate_pattern
 from events.topology import Topology, resolve_queue_type, validate_group_name
-from outbox import OrchestratorError, OutboxWriter, RecordingPublisher, Relay, metadata
+from outbox import (
+    OrchestratorError,
+    OutboxWriter,
+    PublishError,
+    RecordingPublisher,
+    Relay,
+    metadata,
+)
 from outbox.schema import outbox_messages
 
 # Declared once, in the default registry, under names no other test uses.
@@ -483,6 +490,44 @@ def test_subscription_arguments_follow_the_annotation() -> None:
         subs["v1"].argument(v2, registry)
 
 
+class Shared(DomainEvent):
+    """A base of event classes, not an event type itself."""
+
+    order_id: str
+
+
+@event_type(f"{UNIT}.order.shipped")
+class Shipped(Shared):
+    carrier: str
+
+
+@event_type(f"{UNIT}.order.returned")
+class Returned(Shared):
+    pass
+
+
+def test_a_base_class_annotation_takes_every_event_deriving_from_it() -> None:
+    local = SubscriberRegistry()
+
+    @events.subscriber(f"{UNIT}.order.*", group="g", registry=local, name="base")
+    def by_base(event: Shared, session: Session) -> None: ...
+
+    [subscription] = local.all()
+    shipped = EventEnvelope.wrap(Shipped(order_id="o", carrier="c"), producer="p")
+    returned = EventEnvelope.wrap(Returned(order_id="o"), producer="p")
+    completed = EventEnvelope.wrap(Completed(order_id="o"), producer="p")
+    unknown = EventEnvelope(type=f"{UNIT}.order.lost", schema_version=1, producer="p", payload={})
+    assert subscription.argument(shipped, events.registry) == Shipped(order_id="o", carrier="c")
+    assert subscription.argument(returned, events.registry) == Returned(order_id="o")
+    assert subscription.argument(completed, events.registry) is None
+    assert subscription.argument(unknown, events.registry) is None
+    broken = EventEnvelope(
+        type=f"{UNIT}.order.shipped", schema_version=1, producer="p", payload={"order_id": "o"}
+    )
+    with pytest.raises(EventSchemaError, match="carrier"):
+        subscription.argument(broken, events.registry)
+
+
 def test_unresolvable_annotations_are_reported_when_resolved() -> None:
     local = SubscriberRegistry()
     namespace: dict[str, Any] = {}
@@ -502,3 +547,18 @@ def test_load_subscriber_modules_reads_the_environment(monkeypatch: pytest.Monke
     assert {"notifications", "analytics"} <= set(events.subscriptions.groups())
     with pytest.raises(SubscriberError, match="cannot import"):
         events.load_subscriber_modules(["no_such_module_here"])
+
+
+# --- the event publisher, without a broker ------------------------------------------------
+
+
+def test_event_publisher_refuses_tasks_and_reports_an_unreachable_broker() -> None:
+    publisher = events.EventPublisher("amqp://guest:guest@127.0.0.1:1//")
+    envelope = EventEnvelope.wrap(Completed(order_id="o"), producer="p")
+    task = event_message(envelope).model_copy(update={"kind": "task"})
+    with pytest.raises(PublishError, match="as an event"):
+        publisher.publish([task])
+    with pytest.raises(PublishError, match="publishing events failed"):
+        publisher.publish([event_message(envelope)])
+    publisher.publish([])
+    publisher.close()

@@ -84,6 +84,7 @@ def test_signal_after_the_reminder_completes_the_run(env: Any) -> None:
 
 def test_bad_signals_and_queries_are_refused(env: Any) -> None:
     handle = env.client.start_workflow(Approval, "x", workflow_id="a4")
+    assert env.orchestrator.wait_idle(5)  # the run has reached its wait
     before = len(handle.history())
     with pytest.raises(UnknownSignalError, match="has no signal 'nope'"):
         handle.signal("nope")

@@ -41,6 +41,7 @@ EXPECTED = {
         "continue_as_new",
         "defn",
         "deprecate_patch",
+        "emit",
         "execute_activity",
         "execute_child",
         "in_workflow",
