@@ -170,8 +170,14 @@ class Engine:
         workflow_id: str,
         payload: Any,
         parent: ParentLink | None,
+        *,
+        signals: list[SignalReceived] | None = None,
     ) -> str:
-        """Insert a run row, its WorkflowStarted event and the message asking for its first task."""
+        """Insert a run row, its first events and the message asking for its first task.
+
+        ``signals`` follow the WorkflowStarted event: those a run that continued as
+        new received too late to handle.
+        """
         now = self.clock()
         run_id = str(uuid.uuid4())
         session.execute(
@@ -211,6 +217,8 @@ class Engine:
                 seed=uuid.uuid4().int >> 65,
             )
         )
+        for signal in signals or ():
+            run.append(signal)
         save_run(session, run, now)
         outgoing = [messages.workflow_task(run_id, workflow_id, self.settings.workflow_queue)]
         if self.settings.lifecycle_events:
@@ -294,7 +302,7 @@ class Engine:
         follow_ups: list[HistoryEvent] = []
         for issued in commands:
             command = (
-                self._continue_as_new(session, run, issued)
+                self._continue_as_new(session, run, issued, instance.carried_signals)
                 if isinstance(issued, WorkflowContinuedAsNew)
                 else issued
             )
@@ -342,7 +350,11 @@ class Engine:
         save_run(session, run, now)
 
     def _continue_as_new(
-        self, session: Session, run: LockedRun, command: WorkflowContinuedAsNew
+        self,
+        session: Session,
+        run: LockedRun,
+        command: WorkflowContinuedAsNew,
+        carried: list[SignalReceived],
     ) -> WorkflowContinuedAsNew:
         """Close this run and start its successor under the same workflow id."""
         # The old run must be closed before the new one takes the open-id slot.
@@ -353,7 +365,7 @@ class Engine:
         )
         parent = self._parent_of(session, run.run_id)
         new_run_id = self._insert_run(
-            session, run.workflow_type, run.workflow_id, command.input, parent
+            session, run.workflow_type, run.workflow_id, command.input, parent, signals=carried
         )
         # The successor reports to the parent; this run no longer does.
         session.execute(
@@ -361,7 +373,12 @@ class Engine:
             .where(workflow_runs.c.run_id == run.run_id)
             .values(parent_notified=True)
         )
-        return command.model_copy(update={"new_run_id": new_run_id})
+        return command.model_copy(
+            update={
+                "new_run_id": new_run_id,
+                "carried_signals": [s.model_dump(mode="json") for s in carried],
+            }
+        )
 
     @staticmethod
     def _parent_of(session: Session, run_id: str) -> ParentLink | None:
@@ -535,8 +552,14 @@ class Engine:
             self.cache.put(instance)
 
     # ------------------------------------------------- events from outside a run
-    def _open_run(self, session: Session, run_id: str) -> LockedRun:
+    def _open_run(self, session: Session, run_id: str, *, follow: bool = False) -> LockedRun:
+        """Lock an open run; with ``follow``, the run a continued one handed over to."""
         run = lock_run(session, run_id)
+        while run is not None and follow and run.status is RunStatus.CONTINUED_AS_NEW:
+            successor = session.execute(
+                select(workflow_runs.c.result).where(workflow_runs.c.run_id == run.run_id)
+            ).scalar_one()
+            run = lock_run(session, successor["continued_as"])
         if run is None:
             raise WorkflowNotFoundError(f"no run {run_id}")
         if not run.is_open:
@@ -579,8 +602,11 @@ class Engine:
     def signal(
         self, session: Session, run_id: str, name: str, payload: Any, *, actor: str | None = None
     ) -> None:
-        """Record a signal inside ``session`` (the caller commits through ``commit``)."""
-        run = self._open_run(session, run_id)
+        """Record a signal inside ``session`` (the caller commits through ``commit``).
+
+        A signal for an entity that has just continued as new goes to its new run.
+        """
+        run = self._open_run(session, run_id, follow=True)
         now = self.clock()
         run.append(SignalReceived(name=name, input=payload))
         save_run(session, run, now)

@@ -196,6 +196,9 @@ class WorkflowContinuedAsNew(HistoryEvent):
     IS_COMMAND: ClassVar[bool] = True
     input: Any = None
     new_run_id: str | None = None
+    # Signals that arrived after the code decided to continue: they go to the
+    # new run, in order, instead of being lost with this one.
+    carried_signals: list[dict[str, Any]] = []
 
 
 class WorkflowTerminated(HistoryEvent):

@@ -146,6 +146,7 @@ class WorkflowInstance:
         self._patches: dict[str, bool] = {}
         self._main: asyncio.Task[None] | None = None
         self._closing_issued = False
+        self.carried_signals: list[SignalReceived] = []
         self._obj: Any = None
 
     # -- used by the workflow API ------------------------------------------------
@@ -380,6 +381,11 @@ class WorkflowInstance:
             future.set_result(result)
 
     def _deliver_signal(self, event: SignalReceived) -> None:
+        if self._closing_issued:
+            # The code has already decided to close; a continue-as-new hands these
+            # on to the next run.
+            self.carried_signals.append(event)
+            return
         handler = self.defn.signals.get(event.name)
         if handler is None:
             return  # refused at the client; a renamed handler ignores old signals

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, func, or_, select, update
-from sqlalchemy.engine import RowMapping
+from sqlalchemy.engine import Row, RowMapping
 from sqlalchemy.sql.elements import ColumnElement
 
 from outbox.crashpoints import crash_point
@@ -122,9 +122,9 @@ class Relay:
 
     Rows of an *ordered* kind that name an ``aggregate_id`` reach the broker in
     ``seq`` order per aggregate even with several relays: a relay publishes
-    such a row only if every earlier unpublished row of the same kind set and
-    aggregate is in its own batch, ahead of it; otherwise it leaves the row for
-    a later pass. One aggregate's rows that fail to publish therefore hold back
+    such a row only if every earlier unpublished row of an ordered kind and the
+    same aggregate is in its own batch, ahead of it; otherwise it leaves the
+    row for a later pass. One aggregate's rows that fail to publish therefore hold back
     its later rows, and nothing else.
 
     Args:
@@ -386,28 +386,54 @@ class Relay:
                 return 0, False, True
             crash_point("relay.after_claim")
             seqs = [row.seq for row in rows]
+            failures: dict[int, str] = {}
             try:
                 self.publisher.publish([_to_message(row._mapping) for row in rows])
             except PublishError as exc:
+                _log.warning("publishing %d outbox message(s) failed: %s", len(rows), exc)
+                # One bad message must not hold up the rest: retry them one by one.
+                failures = self._publish_one_by_one(rows)
+            crash_point("relay.after_publish")
+            if failures:
+                for seq, error in failures.items():
+                    conn.execute(
+                        update(table)
+                        .where(table.c.seq == seq)
+                        .values(
+                            publish_attempts=table.c.publish_attempts + 1,
+                            last_error=error[:_MAX_ERROR_LENGTH],
+                        )
+                    )
+                seqs = [seq for seq in seqs if seq not in failures]
+            if seqs:
                 conn.execute(
                     update(table)
                     .where(table.c.seq.in_(seqs))
                     .values(
+                        published_at=_now(),
                         publish_attempts=table.c.publish_attempts + 1,
-                        last_error=str(exc)[:_MAX_ERROR_LENGTH],
+                        last_error=None,
                     )
                 )
-                _log.warning("publishing %d outbox message(s) failed: %s", len(rows), exc)
-                return 0, True, False
-            crash_point("relay.after_publish")
-            conn.execute(
-                update(table)
-                .where(table.c.seq.in_(seqs))
-                .values(
-                    published_at=_now(),
-                    publish_attempts=table.c.publish_attempts + 1,
-                    last_error=None,
-                )
-            )
-        _log.debug("relayed %d outbox message(s)", len(rows))
-        return len(rows), False, deferred > 0
+        _log.debug("relayed %d outbox message(s)", len(seqs))
+        return len(seqs), bool(failures), deferred > 0
+
+    def _publish_one_by_one(self, rows: Sequence[Row[Any]]) -> dict[int, str]:
+        """Publish rows singly; return the errors of those that failed, by seq.
+
+        A row of an ordered kind is not attempted once an earlier row of its
+        aggregate failed: its events must not overtake one another.
+        """
+        failures: dict[int, str] = {}
+        blocked: set[tuple[str, str | None]] = set()
+        for row in rows:
+            key = (row.kind, row.aggregate_id)
+            if row.kind in self.ordered_kinds and key in blocked:
+                failures[row.seq] = "held back: an earlier message of its aggregate failed"
+                continue
+            try:
+                self.publisher.publish([_to_message(row._mapping)])
+            except PublishError as exc:
+                failures[row.seq] = str(exc)
+                blocked.add(key)
+        return failures

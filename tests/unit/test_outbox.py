@@ -423,3 +423,37 @@ def test_without_crash_point_the_subprocess_finishes(engine: Engine) -> None:
     assert run_crashing(engine, "", "writer") == 3
     [row] = rows(engine)
     assert row["published_at"] is not None
+
+
+def test_one_unpublishable_message_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    class Picky(RecordingPublisher):
+        def publish(self, messages: Sequence[OutboxMessage]) -> None:
+            if any(m.destination == "poison" for m in messages):
+                raise PublishError("refused")
+            super().publish(messages)
+
+    engine = create_engine(f"sqlite:///{tmp_path}/picky.db")
+    metadata.create_all(engine)
+    picky = Picky()
+    writer = OutboxWriter(engine, picky, publish_after_commit=False)
+    with Session(engine) as session:
+        writer.add(
+            session,
+            [
+                OutboxMessage(kind="task", destination="poison", body={}),
+                *(OutboxMessage(kind="task", destination=f"ok-{i}", body={}) for i in range(3)),
+            ],
+        )
+        session.commit()
+    relay = Relay(engine, picky, grace=0)
+    assert relay.run_once() == 3
+    assert [m.destination for m in picky.published] == ["ok-0", "ok-1", "ok-2"]
+    assert relay.run_once() == 0
+    assert relay.backlog()[0] == 1
+    with engine.connect() as conn:
+        attempts, error = conn.execute(
+            select(outbox_messages.c.publish_attempts, outbox_messages.c.last_error).where(
+                outbox_messages.c.destination == "poison"
+            )
+        ).one()
+    assert attempts == 2 and error == "refused"

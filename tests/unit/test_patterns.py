@@ -202,3 +202,21 @@ def test_terminate_stops_without_running_code(env: Any) -> None:
     assert [e.event.TYPE for e in handle.history()][-1] == "WorkflowTerminated"
     assert env.orchestrator.wait_idle(5)
     assert "compensate" not in CALLS.names()
+
+
+def test_no_signal_is_lost_when_an_entity_continues_as_new(env: Any) -> None:
+    # Signals that reach one workflow task together (here: sent while the run is
+    # paused) and that come after the code decided to continue must reach the
+    # next run, not vanish with this one.
+    handle = env.client.start_workflow(Counter, 0, workflow_id="burst")
+    assert env.orchestrator.wait_idle(5)
+    handle.pause()
+    for _ in range(10):
+        handle.signal("add", 1)
+    handle.signal("finish")
+    handle.resume()
+    assert env.client.get_handle("burst").result(timeout=20) == 10
+    first = handle.history()
+    carried = first[-1].event.carried_signals  # type: ignore[attr-defined]
+    assert first[-1].event.TYPE == "WorkflowContinuedAsNew"
+    assert [s["name"] for s in carried] == ["add"] * 7 + ["finish"]
