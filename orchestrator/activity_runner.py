@@ -9,6 +9,7 @@ heartbeat, schedule-to-close) are enforced by the scheduler.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from activities.errors import ActivityCancelledError
 from activities.execution import Outcome, execute
 from activities.failure import Failure
 from activities.retry import RetryPolicy
-from orchestrator import messages
+from orchestrator import messages, metrics
 from orchestrator.db import as_utc
 from orchestrator.history import ActivityCompleted, ActivityFailed, ActivityScheduled
 from orchestrator.runs import LockedRun, lock_run, save_run
@@ -101,8 +102,14 @@ class ActivityRunner:
         def heartbeat(details: Any) -> None:
             self._heartbeat(run_id, activity_id, attempt, details)
 
+        started = time.monotonic()
         outcome = execute(
             defn, info, payload, heartbeat=heartbeat, limit=self.engine.settings.max_payload_bytes
+        )
+        metrics.record_activity(
+            info.activity_type,
+            metrics.ACTIVITY_COMPLETED if outcome.failure is None else metrics.ACTIVITY_FAILED,
+            time.monotonic() - started,
         )
         crash_point("activity.executed")
         self._finish(run_id, activity_id, attempt, outcome)

@@ -23,6 +23,7 @@ from activities.errors import PayloadError
 from orchestrator import messages
 from orchestrator.dead_letters import COMPENSATION_DEAD_LETTER_QUEUE
 from orchestrator.errors import InvalidWorkflowIdError, UnknownWorkflowTypeError
+from orchestrator.flower import task_kwargsrepr
 from outbox.errors import PublishError
 from outbox.message import OutboxMessage
 
@@ -193,6 +194,7 @@ class CeleryPublisher:
                         task_id=message.id,
                         queue=message.queue,
                         headers=dict(message.headers),
+                        kwargsrepr=task_kwargsrepr(message.body, message.headers),
                         producer=producer,
                         retry=True,
                         retry_policy={"max_retries": 3, "interval_start": 0.2},

@@ -96,6 +96,38 @@ def _worker(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -
     return 0
 
 
+def _serve_metrics(args: argparse.Namespace, orchestrator: Orchestrator) -> None:
+    port = args.metrics_port
+    if port is None:
+        port = orchestrator.settings.metrics_port
+    if port is None:
+        return
+    from orchestrator.metrics import start_metrics_server
+
+    # A prefork worker's children write their durations to files its main process serves.
+    start_metrics_server(
+        orchestrator,
+        port,
+        addr=orchestrator.settings.metrics_address,
+        multiprocess=args.command == "worker",
+        system=orchestrator.settings.metrics_system,
+    )
+
+
+def _serve_subscriber_metrics(args: argparse.Namespace, settings: Settings) -> None:
+    if settings.metrics_port is None:
+        return
+    from orchestrator.metrics import start_metrics_server
+
+    start_metrics_server(
+        load_app(args.app or settings.app, settings),
+        settings.metrics_port,
+        addr=settings.metrics_address,
+        system=settings.metrics_system,
+        events=True,
+    )
+
+
 def _until_signalled(run: Callable[[threading.Event], None]) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -281,8 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--hostname", "-n")
     worker.add_argument("--loglevel", "-l", default="INFO")
 
-    commands.add_parser("relay", help="publish outbox messages a crash left behind")
-    commands.add_parser("scheduler", help="fire durable timers and activity deadlines")
+    relay = commands.add_parser("relay", help="publish outbox messages a crash left behind")
+    scheduler = commands.add_parser("scheduler", help="fire durable timers and activity deadlines")
+    for process in (worker, relay, scheduler):
+        process.add_argument(
+            "--metrics-port",
+            type=int,
+            metavar="PORT",
+            help="serve Prometheus metrics on PORT (default: $ORCHESTRATOR_METRICS_PORT)",
+        )
+
+    flower = commands.add_parser(
+        "flower", help="run Flower, the task monitor, behind basic auth ($FLOWER_BASIC_AUTH)"
+    )
+    flower.add_argument("--port", type=int, default=5555)
+    flower.add_argument("--address", help="address to listen on (default: all)")
+    flower.add_argument(
+        "--broker-api",
+        help="RabbitMQ management API URL (default: derived from the broker URL)",
+    )
 
     start = commands.add_parser("start", help="start a workflow")
     start.add_argument("type", help="workflow type name")
@@ -377,6 +426,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "db":
             return _db(args, settings, out)
         if args.command in events_cli.COMMANDS:
+            if args.command == "subscribers" and args.subscribers_command == "run":
+                _serve_subscriber_metrics(args, settings)
             events_status: int = events_cli.run_command(
                 args,
                 settings_database_url=settings.database_url,
@@ -386,8 +437,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             )
             return events_status
         orchestrator = load_app(args.app or settings.app, settings)
+        if args.command in ("worker", "relay", "scheduler"):
+            _serve_metrics(args, orchestrator)
         if args.command == "worker":
             return _worker(args, orchestrator, out)
+        if args.command == "flower":
+            from orchestrator.flower import run_flower
+
+            return run_flower(
+                orchestrator, port=args.port, address=args.address, broker_api=args.broker_api
+            )
         if args.command == "relay":
             return _until_signalled(orchestrator.relay().run)
         if args.command == "scheduler":

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from activities.failure import Failure
 from events import EventEnvelope, event_message
-from orchestrator import audit, messages
+from orchestrator import audit, messages, metrics
 from orchestrator.activity_runner import ActivityRunner
 from orchestrator.db import session_factory, utcnow
 from orchestrator.dead_letters import DeadLetters
@@ -428,6 +428,7 @@ class Engine:
         self, session: Session, run: LockedRun, command: HistoryEvent, now: datetime
     ) -> None:
         status = RunStatus(CLOSING_EVENTS[command.TYPE])
+        metrics.run_closed(session, run.run_id, run.workflow_type, status.value, now)
         run.status = status
         run.changes.update(status=status.value, closed_at=now)
         if isinstance(command, WorkflowCompleted):
@@ -523,6 +524,7 @@ class Engine:
                     extra={"run_id": run.run_id},
                 )
                 session.info.pop("instances", None)
+                metrics.discard(session)
         self.outbox.add(
             session,
             [messages.workflow_task(run.run_id, run.workflow_id, self.settings.workflow_queue)],
@@ -548,6 +550,7 @@ class Engine:
         """Commit and hand the instances this transaction advanced back to the cache."""
         instances = session.info.pop("instances", [])
         session.commit()
+        metrics.flush(session)
         for instance in instances:
             self.cache.put(instance)
 
@@ -595,6 +598,7 @@ class Engine:
             save_run(session, run, now)
             self._audit(session, run, "terminate", actor=actor, reason=reason, now=now)
             session.commit()
+            metrics.flush(session)
         dropped = self.cache.take(run_id)
         if dropped is not None:
             dropped.close()

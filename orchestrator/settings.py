@@ -77,6 +77,21 @@ class Settings(BaseSettings):
     instance_cache_size: int = Field(
         default=1000, ge=0, description="Workflow instances a worker keeps between tasks."
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus endpoint of workers, relays, schedulers and "
+        "subscribers; unset: none.",
+    )
+    metrics_address: str = Field(
+        default="0.0.0.0", description="Address the Prometheus endpoint listens on."
+    )
+    metrics_system: bool = Field(
+        default=True,
+        description="The endpoint also reports the system's counts and backlogs, read from "
+        "the database and the broker at each scrape.",
+    )
     log_level: str = Field(default="INFO", description="Log level of orchestrator processes.")
     log_json: bool = Field(default=False, description="Write logs as JSON lines.")
 
