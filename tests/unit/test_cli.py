@@ -106,10 +106,12 @@ def test_unknown_app_is_a_clear_error(env: str, capsys: pytest.CaptureFixture[st
 
 
 def test_readme_lists_every_setting_with_its_default() -> None:
+    from events.config import EventSettings
     from orchestrator.settings import Settings
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
-    for name, field in Settings.model_fields.items():
+    fields = {**Settings.model_fields, **EventSettings.model_fields}
+    for name, field in fields.items():
         variable = f"`ORCHESTRATOR_{name.upper()}`"
         assert variable in readme or f"`ORCHESTRATOR_{name.upper()}` /" in readme, variable
         row = next(line for line in readme.splitlines() if variable in line)
