@@ -27,8 +27,10 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import yaml
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 from sqlalchemy.engine import make_url
 
+from events.config import EventSettings
 from orchestrator.cli import build_parser, load_app
 from orchestrator.settings import Settings
 
@@ -499,18 +501,25 @@ def test_inline_python_compiles() -> None:
 # -------------------------------------------------------------------- variables
 def test_every_orchestrator_variable_is_a_setting() -> None:
     prefix = Settings.model_config.get("env_prefix", "")
-    fields = {f"{prefix}{field}".upper(): field for field in Settings.model_fields}
+    readers: list[type[BaseSettings]] = [Settings, EventSettings]
+    fields = {
+        f"{prefix}{field}".upper(): (reader, field)
+        for reader in readers
+        for field in reader.model_fields
+    }
     for name, spec in services().items():
-        values: dict[str, Any] = {}
+        values: dict[type[BaseSettings], dict[str, Any]] = {reader: {} for reader in readers}
         for key, value in environment(spec).items():
             if not key.startswith("ORCHESTRATOR_") or key in TEST_VARIABLES:
                 continue
             assert key in fields, f"{name} sets {key}, which no setting reads (a typo?)"
-            values[fields[key]] = value
-        try:
-            Settings(**values)
-        except ValidationError as exc:
-            pytest.fail(f"{name}'s settings are invalid: {exc}")
+            reader, field = fields[key]
+            values[reader][field] = value
+        for reader, given in values.items():
+            try:
+                reader(**given)
+            except ValidationError as exc:
+                pytest.fail(f"{name}'s settings are invalid: {exc}")
 
 
 def test_test_variables_are_only_on_the_test_service() -> None:
