@@ -266,9 +266,10 @@ class ActivityRunner:
                 appended = True
             else:
                 appended = self.attempt_failed(session, run, row, outcome.failure, now)
-            save_run(session, run, now)
             if appended:
-                engine.after_result(session, run)
+                engine.after_result(session, run, now)  # saves the run
+            else:
+                save_run(session, run, now)
             engine.commit(session)
 
     def attempt_failed(
@@ -425,9 +426,10 @@ class ActivityRunner:
                     f"exceeded on attempt {row['attempt']}",
                 )
             appended = self.attempt_failed(session, run, row, failure, now)
-            save_run(session, run, now)
             if appended:
-                engine.after_result(session, run)
+                engine.after_result(session, run, now)  # saves the run
+            else:
+                save_run(session, run, now)
             engine.commit(session)
             return 1
 

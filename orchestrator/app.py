@@ -146,6 +146,7 @@ class Orchestrator:
                         self.publisher,
                         publish_after_commit=self.settings.publish_after_commit,
                         relay_only_kinds=self._relay_only_kinds,
+                        batch_marks=not self.settings.embedded,
                     ),
                     clock=self.clock,
                 )

@@ -10,13 +10,17 @@ being dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.exceptions import Reject
 from celery.worker.consumer import Consumer
+from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 
 from activities.errors import PayloadError
@@ -80,7 +84,6 @@ def create_celery(orchestrator: Orchestrator) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"confirm_publish": True},
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -150,12 +153,41 @@ def _register_activity(app: Celery, orchestrator: Orchestrator, name: str, queue
 
 
 class CeleryPublisher:
-    """Publishes outbox task messages as Celery task messages, with publisher confirms."""
+    """Publishes outbox task messages as Celery task messages, with publisher confirms.
+
+    It has its own connection in confirm mode (one per thread), so that only the
+    messages that carry the system's state wait for the broker's confirm; the
+    workers' monitoring events go out on Celery's own connections without
+    waiting, which keeps them off the hot path.
+    """
 
     def __init__(self, app: Celery, *, dead_letter_exchange: str) -> None:
         self.app = app
         self._dead_letter_exchange = dead_letter_exchange
         self._declared = False
+        self._local = threading.local()
+        # A forked worker child must not share its parent's broker socket.
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._local = threading.local()
+
+    def _producer(self) -> Any:
+        producer = getattr(self._local, "producer", None)
+        if producer is None:
+            connection = Connection(
+                self.app.conf.broker_url, transport_options={"confirm_publish": True}
+            )
+            producer = connection.Producer()
+            self._local.producer = producer
+        return producer
+
+    def _reset(self) -> None:
+        producer = getattr(self._local, "producer", None)
+        self._local.producer = None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                producer.connection.release()
 
     def _declare_dead_letter_queue(self, producer: Any) -> None:
         # The queues name this exchange; it must exist before anything is rejected.
@@ -180,28 +212,30 @@ class CeleryPublisher:
 
     def publish(self, messages_: Sequence[OutboxMessage]) -> None:
         try:
-            with self.app.producer_or_acquire() as producer:
-                self._declare_dead_letter_queue(producer)
-                for message in messages_:
-                    if message.kind != "task":
-                        raise PublishError(f"cannot publish {message.kind} {message.id} as a task")
-                    if message.queue == COMPENSATION_DEAD_LETTER_QUEUE:
-                        self._publish_dead_letter_copy(producer, message)
-                        continue
-                    self.app.send_task(
-                        message.destination,
-                        kwargs=message.body,
-                        task_id=message.id,
-                        queue=message.queue,
-                        headers=dict(message.headers),
-                        kwargsrepr=task_kwargsrepr(message.body, message.headers),
-                        producer=producer,
-                        retry=True,
-                        retry_policy={"max_retries": 3, "interval_start": 0.2},
-                    )
+            producer = self._producer()
+            self._declare_dead_letter_queue(producer)
+            for message in messages_:
+                if message.kind != "task":
+                    raise PublishError(f"cannot publish {message.kind} {message.id} as a task")
+                if message.queue == COMPENSATION_DEAD_LETTER_QUEUE:
+                    self._publish_dead_letter_copy(producer, message)
+                    continue
+                self.app.send_task(
+                    message.destination,
+                    kwargs=message.body,
+                    task_id=message.id,
+                    queue=message.queue,
+                    headers=dict(message.headers),
+                    kwargsrepr=task_kwargsrepr(message.body, message.headers),
+                    producer=producer,
+                    retry=True,
+                    retry_policy={"max_retries": 3, "interval_start": 0.2},
+                )
         except PublishError:
             raise
         except Exception as exc:
+            # A broken connection is rebuilt for the next batch (the relay retries).
+            self._reset()
             raise PublishError(f"publish failed: {exc}") from exc
 
 

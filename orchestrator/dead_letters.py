@@ -293,9 +293,10 @@ class DeadLetters:
                 details={"dead_letter_id": dead_letter_id, "activity": row["activity_type"]},
             )
             appended = bool(run.appended)
-            save_run(session, run, now)
             if appended:
-                engine.after_result(session, run)
+                engine.after_result(session, run, now)  # saves the run
+            else:
+                save_run(session, run, now)
             engine.commit(session)
             return True
 

@@ -45,6 +45,7 @@ from orchestrator.history import (
     ChildWorkflowScheduled,
     EventEmitted,
     HistoryEvent,
+    RecordedEvent,
     SignalReceived,
     TimerCancelled,
     TimerStarted,
@@ -219,8 +220,12 @@ class Engine:
         )
         for signal in signals or ():
             run.append(signal)
-        save_run(session, run, now)
-        outgoing = [messages.workflow_task(run_id, workflow_id, self.settings.workflow_queue)]
+        outgoing: list[OutboxMessage] = []
+        if not self._first_decision(session, run, now):
+            save_run(session, run, now)
+            outgoing.append(
+                messages.workflow_task(run_id, workflow_id, self.settings.workflow_queue)
+            )
         if self.settings.lifecycle_events:
             started = WorkflowRunStarted(
                 workflow_id=workflow_id, run_id=run_id, workflow_type=workflow_type
@@ -228,6 +233,23 @@ class Engine:
             outgoing.append(lifecycle_message(started, suffix="started"))
         self.outbox.add(session, outgoing)
         return run_id
+
+    def _first_decision(self, session: Session, run: LockedRun, now: datetime) -> bool:
+        """On the fast path, run a new run's first step in the transaction that starts it.
+
+        It saves a workflow task (a message and a transaction) per run; a process
+        without the workflow's code, or a decision that fails, leaves the first
+        step to a worker as usual. False if nothing was decided here.
+        """
+        if not (self.settings.fast_path and self.registry.has_workflow(run.workflow_type)):
+            return False
+        try:
+            instance, commands = self._decide(session, run, now)
+        except Exception as exc:
+            log.warning("first step left to a worker: %s", exc, extra={"run_id": run.run_id})
+            return False
+        self._record(session, run, instance, commands, now)
+        return True
 
     @staticmethod
     def _latest_run(session: Session, workflow_id: str) -> tuple[str, RunStatus] | None:
@@ -271,7 +293,7 @@ class Engine:
                     or run.processed_seq >= run.history_length
                 ):
                     return
-                self._advance(session, run)
+                self._advance(session, run, self.clock())
                 self.commit(session)
         except NondeterminismError as exc:
             self._record_task_failure(run_id, exc)
@@ -279,11 +301,20 @@ class Engine:
             log.exception("workflow task failed", extra={"run_id": run_id})
             self._record_task_failure(run_id, exc)
 
-    def _advance(self, session: Session, run: LockedRun) -> None:
-        """Apply the run's new events to its workflow code and record what it decides.
+    def _advance(self, session: Session, run: LockedRun, now: datetime) -> None:
+        """Apply the run's new events to its workflow code and record what it decides."""
+        instance, commands = self._decide(session, run, now)
+        self._record(session, run, instance, commands, now)
 
-        Must be called with the run locked and everything appended so far saved.
-        The instance goes back to the cache only once the transaction has committed.
+    def _decide(
+        self, session: Session, run: LockedRun, now: datetime
+    ) -> tuple[WorkflowInstance, list[HistoryEvent]]:
+        """Run the workflow code over the events it has not seen; write nothing.
+
+        Events appended in this transaction and not saved yet are fed from memory
+        with ``now`` as their time, the time ``save_run`` will give them, so the
+        code sees exactly what a later replay will see. A cached instance that is
+        up to date needs no read at all.
         """
         defn = self.registry.workflow(run.workflow_type)
         instance = self.cache.take(run.run_id)
@@ -291,9 +322,33 @@ class Engine:
             instance = WorkflowInstance(
                 defn, run_id=run.run_id, workflow_id=run.workflow_id, defaults=self._defaults
             )
-        history = load_history(session, run.run_id, after=instance.applied_seq)
-        commands = instance.advance(history, run.processed_seq)
-        now = self.clock()
+        saved = run.history_length - len(run.appended)
+        history = (
+            load_history(session, run.run_id, after=instance.applied_seq)
+            if instance.applied_seq < saved
+            else []
+        )
+        history += [
+            RecordedEvent(seq=seq, created_at=now, event=event)
+            for seq, event in run.appended
+            if seq > instance.applied_seq
+        ]
+        try:
+            commands = instance.advance(history, run.processed_seq)
+        except BaseException:
+            instance.close()
+            raise
+        return instance, commands
+
+    def _record(
+        self,
+        session: Session,
+        run: LockedRun,
+        instance: WorkflowInstance,
+        commands: list[HistoryEvent],
+        now: datetime,
+    ) -> None:
+        """Append what the code decided and act on it; the instance is cached after commit."""
         if run.history_length + len(commands) > self.settings.max_history_events:
             self._fail_on_history_limit(session, run, now)
             instance.close()
@@ -506,25 +561,29 @@ class Engine:
             )
         ]
 
-    def after_result(self, session: Session, run: LockedRun) -> None:
-        """A result event was appended: advance here (fast path) or ask for a workflow task."""
+    def after_result(self, session: Session, run: LockedRun, now: datetime) -> None:
+        """A result event was appended: save it, and advance here or ask for a workflow task.
+
+        The fast path decides before writing anything, so a decision that fails
+        (a nondeterminism, a bug) leaves the result recorded and falls back to a
+        workflow task, which retries the decision and records its failure.
+        """
         if not run.is_open or run.paused:
-            return  # a paused run catches up when it is resumed
+            save_run(session, run, now)  # a paused run catches up when it is resumed
+            return
         if self.settings.fast_path and self.registry.has_workflow(run.workflow_type):
             try:
-                with session.begin_nested():
-                    self._advance(session, run)
-                return
+                instance, commands = self._decide(session, run, now)
             except Exception as exc:
-                # The result stays recorded; the workflow task retries the decision
-                # (and records the failure if it fails again).
                 log.warning(
                     "fast path failed, falling back to a workflow task: %s",
                     exc,
                     extra={"run_id": run.run_id},
                 )
-                session.info.pop("instances", None)
-                metrics.discard(session)
+            else:
+                self._record(session, run, instance, commands, now)
+                return
+        save_run(session, run, now)
         self.outbox.add(
             session,
             [messages.workflow_task(run.run_id, run.workflow_id, self.settings.workflow_queue)],
@@ -579,9 +638,8 @@ class Engine:
             run.cancel_requested = True
             run.changes["cancel_requested"] = True
             run.append(CancelRequested(reason=reason))
-            save_run(session, run, now)
             self._audit(session, run, "cancel", actor=actor, reason=reason, now=now)
-            self.after_result(session, run)
+            self.after_result(session, run, now)
             self.commit(session)
         return True
 
@@ -613,11 +671,10 @@ class Engine:
         run = self._open_run(session, run_id, follow=True)
         now = self.clock()
         run.append(SignalReceived(name=name, input=payload))
-        save_run(session, run, now)
         self._audit(
             session, run, "signal", actor=actor, reason=None, now=now, details={"signal": name}
         )
-        self.after_result(session, run)
+        self.after_result(session, run, now)
 
     def pause(self, run_id: str, reason: str = "", *, actor: str | None = None) -> bool:
         """Stop a run dispatching anything new; False if it was already paused."""
@@ -754,8 +811,7 @@ class Engine:
                     failure=failure,
                 )
             )
-            save_run(session, run, self.clock())
-            self.after_result(session, run)
+            self.after_result(session, run, self.clock())
             self.commit(session)
 
     def run_control(self, run_id: str, action: str, reason: str) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from orchestrator.activity_runner import ACTIVITY_RETRY
 from orchestrator.db import as_utc
 from orchestrator.history import TimerFired
-from orchestrator.runs import LockedRun, lock_run, save_run
+from orchestrator.runs import LockedRun, lock_run
 from orchestrator.schema import activity_tasks, timers, workflow_runs
 
 if TYPE_CHECKING:
@@ -111,8 +111,7 @@ class TimerService:
                 fired = int(engine.activities.retry_due(session, run, timer, now))
             elif timer["kind"] == WORKFLOW_TIMER and run.is_open:
                 run.append(TimerFired(timer_id=timer["ref"]))
-                save_run(session, run, now)
-                engine.after_result(session, run)
+                engine.after_result(session, run, now)
                 fired = 1
             engine.commit(session)
             return fired

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
-from collections.abc import Collection, Iterable, Iterator, Sequence
+import os
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -47,6 +50,46 @@ def _within(transaction: SessionTransaction | None, ancestor: SessionTransaction
     return False
 
 
+class _Marker:
+    """Collects published ids and marks them in batches from a background thread."""
+
+    _FLUSH_EVERY = 0.02
+    _BATCH = 500
+
+    def __init__(self, mark: Callable[[Sequence[str]], None]) -> None:
+        self._mark = mark
+        self._ids: list[str] = []
+        self._wake = threading.Condition()
+        self._pid = 0
+        atexit.register(self.flush)
+
+    def add(self, ids: Sequence[str]) -> None:
+        with self._wake:
+            self._ids.extend(ids)
+            if self._pid != os.getpid():
+                # First use in this process (a forked child inherits no thread).
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="outbox-marker", daemon=True).start()
+            if len(self._ids) >= self._BATCH:
+                self._wake.notify()
+
+    def flush(self) -> None:
+        with self._wake:
+            ids, self._ids = self._ids, []
+        if ids:
+            try:
+                for chunk in _chunks(ids, _UPDATE_CHUNK):
+                    self._mark(chunk)
+            except Exception:
+                _log.exception("marking %d published outbox message(s) failed", len(ids))
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait(self._FLUSH_EVERY)
+            self.flush()
+
+
 class OutboxWriter:
     """Writes outbox rows through the caller's session and publishes them once committed.
 
@@ -64,6 +107,10 @@ class OutboxWriter:
             the relay: a relay that claims rows in ``seq`` order can keep one
             aggregate's messages in commit order, which publishing from every
             committing process at once cannot. Defaults to none.
+        batch_marks: Mark published rows from a background thread, many per
+            statement, instead of one transaction per commit. A mark lost to a
+            crash only means the relay sends that message again, which
+            consumers drop. Defaults to ``False``.
     """
 
     def __init__(
@@ -73,11 +120,13 @@ class OutboxWriter:
         *,
         publish_after_commit: bool = True,
         relay_only_kinds: Collection[str] = (),
+        batch_marks: bool = False,
     ) -> None:
         self.engine = engine
         self.publisher = publisher
         self.publish_after_commit = publish_after_commit
         self.relay_only_kinds = frozenset(relay_only_kinds)
+        self._marker = _Marker(self._mark_published) if batch_marks else None
 
     def add(self, session: Session, messages: Iterable[OutboxMessage]) -> None:
         """Insert ``messages`` in ``session``'s current transaction.
@@ -154,6 +203,9 @@ class OutboxWriter:
             )
             return
         crash_point("outbox.after_publish")
+        if self._marker is not None:
+            self._marker.add([message.id for message in messages])
+            return
         try:
             self._mark_published([message.id for message in messages])
         except Exception:

@@ -457,3 +457,19 @@ def test_one_unpublishable_message_does_not_hold_up_the_others(tmp_path: Path) -
             )
         ).one()
     assert attempts == 2 and error == "refused"
+
+
+def test_batched_marks_reach_the_table_without_a_transaction_per_commit(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/marks.db")
+    metadata.create_all(engine)
+    writer = OutboxWriter(engine, RecordingPublisher(), batch_marks=True)
+    for number in range(5):
+        with Session(engine) as session:
+            writer.add(session, [OutboxMessage(kind="task", destination=f"t{number}", body={})])
+            session.commit()
+    deadline = datetime.now(UTC) + timedelta(seconds=5)
+    while (
+        Relay(engine, RecordingPublisher(), grace=0).backlog()[0] and datetime.now(UTC) < deadline
+    ):
+        threading.Event().wait(0.01)
+    assert Relay(engine, RecordingPublisher(), grace=0).backlog() == (0, None)
