@@ -210,8 +210,12 @@ def private_queue() -> Iterator[harness.PrivateQueue]:
 
 @pytest.fixture
 def detoured(database_url: str, private_queue: harness.PrivateQueue) -> Iterator[Orchestrator]:
-    """An application-side orchestrator whose start messages land in ``private_queue``."""
-    built = _orchestrator(database_url, workflow_queue=private_queue.name)
+    """An application-side orchestrator whose start messages land in ``private_queue``.
+
+    Without the fast path, so that a start's message is its first workflow task
+    (with it, the start would schedule the first activity on the shared queue).
+    """
+    built = _orchestrator(database_url, workflow_queue=private_queue.name, fast_path=False)
     yield built
     built.close()
 
