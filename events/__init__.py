@@ -12,12 +12,22 @@ touches workflow code.
 - Subscribe: ``@subscriber("order.*", group="notifications")`` on a handler
   ``(event, session)``; :class:`SubscriberRuntime` (``orchestrator subscribers
   run``) runs each group's handlers once per event, through an inbox table.
+- Poison events wait in their group's dead-letter queue: :func:`list_dead_letters`,
+  :func:`replay_dead_letters` and :func:`discard_dead_letters` (``orchestrator
+  subscribers dead-letters ...``) look at them, move them back, or drop them.
 
 See ``docs/events.md`` for the topology and the ordering guarantees.
 """
 
 from __future__ import annotations
 
+from events.dead_letters import (
+    DeadEvent,
+    DeadLetterError,
+    discard_dead_letters,
+    list_dead_letters,
+    replay_dead_letters,
+)
 from events.domain import DomainEvent, EventRegistry, Upcaster, event_type, registry
 from events.envelope import DEFAULT_EXCHANGE, EventEnvelope, event_message, publish
 from events.errors import (
@@ -47,6 +57,8 @@ __all__ = [
     "DEAD_LETTER_REASON_HEADER",
     "DEFAULT_EXCHANGE",
     "MODULES_ENV_VAR",
+    "DeadEvent",
+    "DeadLetterError",
     "DomainEvent",
     "EventEnvelope",
     "EventError",
@@ -64,12 +76,15 @@ __all__ = [
     "TopologyError",
     "UnknownEventTypeError",
     "Upcaster",
+    "discard_dead_letters",
     "event_message",
     "event_type",
     "inbox",
+    "list_dead_letters",
     "load_subscriber_modules",
     "publish",
     "registry",
+    "replay_dead_letters",
     "subscriber",
     "subscriptions",
     "topic_matches",
