@@ -184,8 +184,16 @@ def test_heartbeat_timeout_retries_with_the_last_details(env: Any) -> None:
 
 def test_cancellation_reaches_a_heartbeating_activity(env: Any) -> None:
     handle = env.client.start_workflow(LongJob, 20.0, workflow_id="long")
-    wait_for(lambda: any(e.event.TYPE == "ActivityScheduled" for e in handle.history()))
-    time.sleep(0.1)
+    from sqlalchemy import select
+
+    from orchestrator.schema import activity_tasks
+
+    def started() -> bool:
+        with env.orchestrator.engine.sessions() as session:
+            status = session.execute(select(activity_tasks.c.status)).scalar()
+        return bool(status == "STARTED")
+
+    wait_for(started)  # the activity is running and heartbeating
     handle.cancel("stop")
     with pytest.raises(WorkflowFailedError) as caught:
         handle.result(timeout=10)
