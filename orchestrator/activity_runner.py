@@ -127,6 +127,7 @@ class ActivityRunner:
                         workflow_runs.c.workflow_id,
                         workflow_runs.c.workflow_type,
                         workflow_runs.c.paused,
+                        workflow_runs.c.closed_at.label("run_closed_at"),
                     )
                     .join(workflow_runs, workflow_runs.c.run_id == activity_tasks.c.run_id)
                     .where(
@@ -138,6 +139,9 @@ class ActivityRunner:
                 .mappings()
                 .first()
             )
+            if row is not None and row["run_closed_at"] is not None:
+                log.info("run is closed; activity %s not started", activity_id)
+                return None
             if row is not None and row["paused"]:
                 # Stays SCHEDULED: resuming the run sends its message again.
                 log.info("run is paused; activity %s waits", activity_id, extra={"run_id": run_id})
@@ -225,6 +229,7 @@ class ActivityRunner:
                     activity_tasks.c.run_id == run_id,
                     activity_tasks.c.activity_id == activity_id,
                     activity_tasks.c.attempt == attempt,
+                    activity_tasks.c.status == "STARTED",
                 )
                 .values(**values)
             )
@@ -246,7 +251,19 @@ class ActivityRunner:
                 )
                 return
             now = engine.clock()
-            if outcome.failure is None:
+            if outcome.failure is None and not run.is_open:
+                # The run closed while this ran (terminated, say): keep the record,
+                # append nothing after its closing event.
+                set_activity(
+                    session,
+                    run_id,
+                    activity_id,
+                    status="COMPLETED",
+                    closed_at=now,
+                    deadline_at=None,
+                )
+                appended = False
+            elif outcome.failure is None:
                 set_activity(
                     session,
                     run_id,

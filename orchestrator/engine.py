@@ -55,6 +55,7 @@ from orchestrator.history import (
     WorkflowFailed,
     WorkflowStarted,
     WorkflowTerminated,
+    load_event,
 )
 from orchestrator.instance import ActivityDefaults, WorkflowInstance
 from orchestrator.lifecycle import WorkflowClosed, WorkflowRunStarted, lifecycle_message
@@ -249,6 +250,9 @@ class Engine:
             log.warning("first step left to a worker: %s", exc, extra={"run_id": run.run_id})
             return False
         self._record(session, run, instance, commands, now)
+        # The next step runs in a worker; the starting process keeps no instance.
+        session.info["instances"].remove(instance)
+        instance.close()
         return True
 
     @staticmethod
@@ -328,8 +332,12 @@ class Engine:
             if instance.applied_seq < saved
             else []
         )
+        # Copies, rebuilt from their stored form: workflow code that changes a
+        # value it received must not change the event about to be saved.
         history += [
-            RecordedEvent(seq=seq, created_at=now, event=event)
+            RecordedEvent(
+                seq=seq, created_at=now, event=load_event(event.TYPE, event.model_dump(mode="json"))
+            )
             for seq, event in run.appended
             if seq > instance.applied_seq
         ]
@@ -497,6 +505,16 @@ class Engine:
                 type="Terminated", message=command.reason or "terminated"
             ).to_json()
         delete_run_timers(session, run.run_id)
+        # Activities not done yet will never be asked for: no attempt may start,
+        # and the outcome of one still running is dropped.
+        session.execute(
+            update(activity_tasks)
+            .where(
+                activity_tasks.c.run_id == run.run_id,
+                activity_tasks.c.status.in_(("SCHEDULED", "STARTED", "BACKOFF")),
+            )
+            .values(status="CANCELLED", deadline_at=None, closed_at=now)
+        )
         outgoing = self._close_children(session, run)
         if self.settings.lifecycle_events:
             failure = run.changes.get("failure")

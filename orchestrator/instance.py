@@ -29,6 +29,7 @@ from orchestrator.errors import (
     ContinueAsNew,
     NondeterminismError,
     PendingLimitError,
+    RunClosedError,
     UnknownSignalError,
 )
 from orchestrator.history import (
@@ -176,7 +177,14 @@ class WorkflowInstance:
                 "activities and child workflows; wait for some before starting more"
             )
 
+    def _check_open(self) -> None:
+        if self._closing_issued:
+            raise RunClosedError(
+                f"run {self.run_id} has already decided to close; nothing more can start"
+            )
+
     def schedule_activity(self, command: ActivityScheduled) -> asyncio.Future[Any]:
+        self._check_open()
         self._check_pending_limit()
         future = self.loop.create_future()
         self._activities[command.activity_id] = future
@@ -184,6 +192,7 @@ class WorkflowInstance:
         return future
 
     def start_child(self, command: ChildWorkflowScheduled) -> asyncio.Future[Any]:
+        self._check_open()
         self._check_pending_limit()
         future = self.loop.create_future()
         self._children[command.child_id] = future
@@ -197,6 +206,7 @@ class WorkflowInstance:
         args: Sequence[Any],
         context: contextvars.Context | None,
     ) -> asyncio.TimerHandle:
+        self._check_open()
         timer_id = self.next_id("timer")
         seconds = max(float(delay), 0.0)
         handle = _DurableTimer(
@@ -219,6 +229,7 @@ class WorkflowInstance:
         """Record a domain event; the engine publishes it with this transition."""
         from events import EventEnvelope
 
+        self._check_open()
         envelope = EventEnvelope.wrap(
             event,
             correlation_id=self.workflow_id,

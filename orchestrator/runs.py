@@ -151,9 +151,10 @@ class InstanceCache:
             instance.close()
             return
         with self._lock:
+            replaced = self._items.get(instance.run_id)
             self._items[instance.run_id] = instance
             self._items.move_to_end(instance.run_id)
-            evicted = []
+            evicted = [replaced] if replaced is not None and replaced is not instance else []
             while len(self._items) > self._size:
                 evicted.append(self._items.popitem(last=False)[1])
         for old in evicted:

@@ -39,6 +39,9 @@ def run_scheduler(
         stop.wait(_pause(engine, poll))
 
 
+_MIN_PAUSE = 0.005
+
+
 def _pause(engine: Engine, poll: float) -> float:
     """Sleep until the next timer falls due, but never longer than ``poll``.
 
@@ -51,4 +54,5 @@ def _pause(engine: Engine, poll: float) -> float:
         return poll
     if due is None:
         return poll
-    return min(poll, max((due - engine.clock()).total_seconds(), 0.0))
+    # Never a busy loop, even if something due cannot be handled yet.
+    return min(poll, max((due - engine.clock()).total_seconds(), _MIN_PAUSE))

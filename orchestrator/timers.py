@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from orchestrator.engine import Engine
 
 WORKFLOW_TIMER = "WORKFLOW_TIMER"
+# Only an attempt that waits or runs can pass a deadline.
+_WAITING = activity_tasks.c.status.in_(("SCHEDULED", "STARTED"))
 
 
 def start_timer(
@@ -74,7 +76,7 @@ class TimerService:
             ).all()
             expired = session.execute(
                 select(activity_tasks.c.run_id, activity_tasks.c.activity_id)
-                .where(activity_tasks.c.deadline_at <= now)
+                .where(activity_tasks.c.deadline_at <= now, _WAITING)
                 .order_by(activity_tasks.c.deadline_at)
                 .limit(limit)
             ).all()
@@ -88,8 +90,14 @@ class TimerService:
     def next_due(self) -> datetime | None:
         """When the next timer or deadline falls due, if any."""
         with self.engine.sessions() as session:
-            timer_at = session.execute(select(func.min(timers.c.fire_at))).scalar()
-            deadline_at = session.execute(select(func.min(activity_tasks.c.deadline_at))).scalar()
+            timer_at = session.execute(
+                select(func.min(timers.c.fire_at))
+                .join(workflow_runs, workflow_runs.c.run_id == timers.c.run_id)
+                .where(workflow_runs.c.paused.is_(False))
+            ).scalar()
+            deadline_at = session.execute(
+                select(func.min(activity_tasks.c.deadline_at)).where(_WAITING)
+            ).scalar()
         candidates = [as_utc(value) for value in (timer_at, deadline_at) if value is not None]
         return min(candidates) if candidates else None
 

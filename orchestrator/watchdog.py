@@ -53,6 +53,7 @@ def redispatch_stalled(engine: Engine, *, stale_after: float, limit: int = 100) 
                 activity_tasks.c.status == "SCHEDULED",
                 activity_tasks.c.attempt_scheduled_at < cutoff,
                 workflow_runs.c.paused.is_(False),
+                workflow_runs.c.closed_at.is_(None),
             )
             .limit(limit)
             .with_for_update(of=activity_tasks, skip_locked=True)

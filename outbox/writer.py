@@ -62,6 +62,14 @@ class _Marker:
         self._wake = threading.Condition()
         self._pid = 0
         atexit.register(self.flush)
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        # A forked child starts clean: its parent's lock may be held by a thread
+        # that does not exist here, and the parent marks its own ids.
+        self._wake = threading.Condition()
+        self._ids = []
+        self._pid = 0
 
     def add(self, ids: Sequence[str]) -> None:
         with self._wake:

@@ -237,7 +237,7 @@ def put_dead_letters(
                 },
             )
             ids.append(event_id)
-    wait_until(lambda: ready_count(dead_queue) == before + count, 10, "the dead letters")
+    wait_until(lambda: ready_count(dead_queue) == before + count, 30, "the dead letters")
     return ids
 
 

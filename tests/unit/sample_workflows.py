@@ -174,3 +174,48 @@ def __getattr__(name: str) -> Any:
     if name == "CLI_APP":
         return _cli_app()
     raise AttributeError(name)
+
+
+@activity.defn(retry_policy=FAST_RETRY)
+def listing() -> Any:
+    return {"items": [1, 2]}
+
+
+@workflow.defn
+class Mutator:
+    """Changes the value an activity returned, then acts on it."""
+
+    @workflow.run
+    async def run(self) -> int:
+        found = await workflow.execute_activity(listing)
+        found["items"].append(3)
+        for item in found["items"]:
+            await workflow.execute_activity(step, Job(name=str(item)))
+        return len(found["items"])
+
+
+@workflow.defn
+class Leaky:
+    """Returns while a background task of its own still wants to run an activity."""
+
+    @workflow.run
+    async def run(self) -> str:
+        async def late() -> None:
+            await asyncio.sleep(0)
+            await workflow.execute_activity(step, Job(name="too-late"))
+
+        asyncio.get_running_loop().create_task(late())
+        return "done"
+
+
+@workflow.defn
+class Wide:
+    """Many activities at once, to be terminated half-way."""
+
+    @workflow.run
+    async def run(self, count: int) -> None:
+        await asyncio.gather(*(workflow.execute_activity(slow, 0.3) for _ in range(count)))
+
+
+ALL_WORKFLOWS += [Mutator, Leaky, Wide]
+ALL_ACTIVITIES += [listing]

@@ -201,3 +201,46 @@ def test_watchdog_resends_lost_messages(make_orchestrator: Any, fast_path: bool)
     wait_for(finished, timeout=10)
     assert handle.result(timeout=1) == ["lost:done"]
     assert [c["attempt"] for c in CALLS.seen if c["name"] == "step"] == [1]
+
+
+def test_workflow_code_changing_a_result_does_not_change_the_history(client: Any) -> None:
+    from sample_workflows import Mutator
+
+    from orchestrator.definition import definition_of
+    from orchestrator.instance import ActivityDefaults, WorkflowInstance
+
+    handle = client.start_workflow(Mutator, workflow_id="m1")
+    assert handle.result(timeout=10) == 3
+    history = handle.history()
+    completed = [e for e in history if e.event.TYPE == "ActivityCompleted"]
+    assert completed[0].event.result == {"items": [1, 2]}  # type: ignore[attr-defined]
+    fresh = WorkflowInstance(
+        definition_of(Mutator),
+        run_id=handle.run_id,
+        workflow_id="m1",
+        defaults=ActivityDefaults(start_to_close=60, max_payload_bytes=2**21),
+    )
+    assert fresh.advance(history, processed_seq=history[-1].seq) == []
+
+
+def test_nothing_starts_after_the_workflow_closed(client: Any, make_orchestrator: Any) -> None:
+    from sample_workflows import Leaky
+
+    handle = client.start_workflow(Leaky, workflow_id="leak")
+    assert handle.result(timeout=10) == "done"
+    assert [e.event.TYPE for e in handle.history()] == ["WorkflowStarted", "WorkflowCompleted"]
+    assert "step" not in CALLS.names()
+
+
+def test_terminate_stops_queued_activities_and_appends_nothing_after(client: Any) -> None:
+    from sample_workflows import Wide
+
+    handle = client.start_workflow(Wide, 12, workflow_id="wide")
+    wait_for(lambda: "slow" in CALLS.names())
+    handle.terminate("enough")
+    wait_for(lambda: handle.describe().status is RunStatus.TERMINATED)
+    # The four embedded worker threads finish what they had; nothing else starts.
+    assert client._orchestrator.wait_idle(10)
+    history = handle.history()
+    assert history[-1].event.TYPE == "WorkflowTerminated"
+    assert CALLS.names().count("slow") < 12

@@ -142,11 +142,8 @@ def test_discarding_a_dead_letter_lets_the_saga_finish_failed(orchestrator: Orch
 def test_pause_stops_dispatch_until_resumed(orchestrator: Orchestrator) -> None:
     order = make_order("order-pause", simulate=Simulation(charge_delay_seconds=0.5))
     handle = orchestrator.client().start_workflow(OrderSaga, order, workflow_id="order-pause")
-    wait_for(
-        lambda: (
-            "charge_payment" in [getattr(e.event, "activity_type", None) for e in handle.history()]
-        )
-    )
+    # Pause while the charge runs (its row is written before its half-second wait).
+    wait_for(lambda: payment_statuses("order-pause") == ["charged"])
     assert handle.pause("investigating", actor="ops") is True
     assert handle.pause() is False
     assert orchestrator.wait_idle(10)
