@@ -72,7 +72,8 @@ class Settings(BaseSettings):
     )
     fast_path: bool = Field(
         default=True,
-        description="Advance the workflow in the activity's completion transaction.",
+        description="Advance the workflow in the transaction that records a result, and run "
+        "a new run's first step in its start's transaction.",
     )
     instance_cache_size: int = Field(
         default=1000, ge=0, description="Workflow instances a worker keeps between tasks."
