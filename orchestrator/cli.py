@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from events import cli as events_cli
 from orchestrator.app import Orchestrator
@@ -382,7 +383,24 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run the order saga twice (completed, compensated); no services needed"
     )
     demo.add_argument("--database-url", help="default: a temporary SQLite file")
+    _accept_json_anywhere(parser)
     return parser
+
+
+def _accept_json_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Let ``--json`` also come after the command (``orchestrator demo --json``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not any("--json" in a.option_strings for a in sub._actions):
+                    # SUPPRESS: when absent here, the global flag's value stands.
+                    sub.add_argument(
+                        "--json",
+                        action="store_true",
+                        default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS,
+                    )
+                _accept_json_anywhere(sub)
 
 
 # Commands a person runs in a terminal: only warnings and errors on stderr.
@@ -470,6 +488,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return _fail(str(exc))
     except (TypeError, ValueError) as exc:
         return _fail(str(exc))
+    except SQLAlchemyError as exc:
+        # The first line names the problem (no such table, connection refused...).
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        return _fail(
+            f"database {settings.database_url.split('@')[-1]}: {reason} "
+            "(is it reachable, and migrated with 'orchestrator db upgrade'?)"
+        )
     except KeyboardInterrupt:
         return 130
 

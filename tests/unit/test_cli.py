@@ -124,3 +124,19 @@ def test_readme_lists_every_setting_with_its_default() -> None:
             shown = str(default)
         if default is not None:
             assert shown in row, (variable, shown, row)
+
+
+def test_json_may_follow_the_command(env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run(capsys, "start", "Pipeline", "--input", "[]", "--id", "j1", "--wait", "10")
+    code, out, _ = run(capsys, "show", "j1", "--json")
+    assert code == 0 and json.loads(out)["status"] == "COMPLETED"
+
+
+def test_an_unmigrated_database_is_one_clear_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ORCHESTRATOR_DATABASE_URL", f"sqlite:///{tmp_path}/empty.db")
+    assert main(["ls"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: database ") and "orchestrator db upgrade" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
