@@ -15,11 +15,8 @@ from pathlib import Path
 from typing import IO
 
 import harness
-import psycopg
 import pytest
-from psycopg import sql
 from sqlalchemy import Engine, create_engine
-from sqlalchemy.engine import make_url
 
 from examples.order_fulfillment import services
 from examples.order_fulfillment.app import build
@@ -36,37 +33,6 @@ _LOCK_WAIT_SECONDS = 90.0
 
 
 # ---------------------------------------------------------------------------- services
-def _recreate_database(url: str) -> None:
-    parsed = make_url(url)
-    name = parsed.database
-    assert name, f"ORCHESTRATOR_TEST_DATABASE_URL names no database: {url}"
-    try:
-        admin = psycopg.connect(
-            host=parsed.host or "127.0.0.1",
-            port=parsed.port or 5432,
-            user=parsed.username or "postgres",
-            password=parsed.password,
-            dbname="postgres",
-            autocommit=True,
-            connect_timeout=5,
-        )
-    except psycopg.OperationalError as exc:
-        pytest.fail(
-            f"PostgreSQL is unreachable at {parsed.render_as_string(hide_password=True)} "
-            f"(set ORCHESTRATOR_TEST_DATABASE_URL): {exc}",
-            pytrace=False,
-        )
-    with admin:
-        # Connections left by an earlier, interrupted session would block the drop.
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = %s AND pid <> pg_backend_pid()",
-            (name,),
-        )
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-
-
 def _check_broker() -> None:
     try:
         with harness.broker_connection() as conn:
@@ -122,7 +88,7 @@ def database_url() -> Iterator[str]:
 
 def _prepare_services() -> str:
     _check_broker()
-    _recreate_database(harness.DATABASE_URL)
+    harness.recreate_database(harness.DATABASE_URL)
     migrate.upgrade(harness.DATABASE_URL)
     # The services' tables and their stock, created the way a worker creates them.
     with services.use_database(harness.DATABASE_URL):

@@ -22,7 +22,11 @@ from typing import IO, Any, TypeVar
 
 import amqp.exceptions
 import kombu
+import psycopg
+import pytest
+from psycopg import sql
 from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.engine import make_url
 
 from examples.order_fulfillment.models import Address, LineItem, Order, Simulation
 from examples.order_fulfillment.schema import (
@@ -68,6 +72,39 @@ FULFILLED_TIMELINE: list[tuple[str, str | None, bool]] = [
     ("EventEmitted", "order.completed", False),
     ("WorkflowCompleted", None, False),
 ]
+
+
+# ----------------------------------------------------------------------------- database
+def recreate_database(url: str) -> None:
+    """Drop and create the database of ``url``; fail the test clearly if PostgreSQL is away."""
+    parsed = make_url(url)
+    name = parsed.database
+    assert name, f"ORCHESTRATOR_TEST_DATABASE_URL names no database: {url}"
+    try:
+        admin = psycopg.connect(
+            host=parsed.host or "127.0.0.1",
+            port=parsed.port or 5432,
+            user=parsed.username or "postgres",
+            password=parsed.password,
+            dbname="postgres",
+            autocommit=True,
+            connect_timeout=5,
+        )
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"PostgreSQL is unreachable at {parsed.render_as_string(hide_password=True)} "
+            f"(set ORCHESTRATOR_TEST_DATABASE_URL): {exc}",
+            pytrace=False,
+        )
+    with admin:
+        # Connections left by an earlier, interrupted session would block the drop.
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 # ------------------------------------------------------------------------------ waiting

@@ -18,15 +18,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import amqp.exceptions
+import harness
 import kombu
-import psycopg
 import pytest
-from psycopg import sql
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, create_engine, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -54,7 +53,6 @@ from orchestrator.schema import audit_log
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_URL = os.environ.get("ORCHESTRATOR_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -100,41 +98,6 @@ seen = Table(
 
 
 # ------------------------------------------------------------------------------ helpers
-def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def _recreate_database(url: str) -> None:
-    parsed = make_url(url)
-    try:
-        admin = psycopg.connect(
-            host=parsed.host or "127.0.0.1",
-            port=parsed.port or 5432,
-            user=parsed.username or "postgres",
-            password=parsed.password,
-            dbname="postgres",
-            autocommit=True,
-            connect_timeout=5,
-        )
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is unreachable: {exc}", pytrace=False)
-    with admin:
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = %s AND pid <> pg_backend_pid()",
-            (parsed.database,),
-        )
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(parsed.database)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(parsed.database)))
-
-
 def broker() -> kombu.Connection:
     return kombu.Connection(BROKER_URL, connect_timeout=5)
 
@@ -237,7 +200,7 @@ def put_dead_letters(
                 },
             )
             ids.append(event_id)
-    wait_until(lambda: ready_count(dead_queue) == before + count, 30, "the dead letters")
+    harness.wait_until(lambda: ready_count(dead_queue) == before + count, 30, "the dead letters")
     return ids
 
 
@@ -285,7 +248,7 @@ def engine() -> Iterator[Engine]:
             conn.ensure_connection(max_retries=1, timeout=5)
     except Exception as exc:
         pytest.fail(f"RabbitMQ is unreachable at {BROKER_URL}: {exc!r}", pytrace=False)
-    _recreate_database(DATABASE_URL)
+    harness.recreate_database(DATABASE_URL)
     migrate.upgrade(DATABASE_URL)
     engine = create_engine(DATABASE_URL, pool_pre_ping=True)
     seen_metadata.create_all(engine)
@@ -345,8 +308,10 @@ def test_a_poison_event_is_listed_replayed_after_the_fix_and_handled_once(
     with running(runtime):
         poison = publish_event(Parcel(n=13), "parcel-13")
         good = publish_event(Parcel(n=1), "parcel-1")
-        wait_until(lambda: handled(good) == 1, 30, "the good event")
-        wait_until(lambda: ready_count(dead_queue) == 1, 30, "the poison event's dead letter")
+        harness.wait_until(lambda: handled(good) == 1, 30, "the good event")
+        harness.wait_until(
+            lambda: ready_count(dead_queue) == 1, 30, "the poison event's dead letter"
+        )
 
         # Listed with its reason, and left where it is.
         [dead] = list_dead_letters(BROKER_URL, group=group, exchange=EXCHANGE)
@@ -380,7 +345,7 @@ def test_a_poison_event_is_listed_replayed_after_the_fix_and_handled_once(
             progress=lambda number, total, event: calls.append((number, total, event.event_id)),
         ) == [(poison, True)]
         assert calls == [(1, 1, poison)]
-        wait_until(lambda: handled(poison) == 1, 30, "the replayed event to be handled")
+        harness.wait_until(lambda: handled(poison) == 1, 30, "the replayed event to be handled")
         assert ready_count(dead_queue) == 0
 
         # A second replay finds nothing to move.
@@ -395,7 +360,7 @@ def test_a_poison_event_is_listed_replayed_after_the_fix_and_handled_once(
             assert replay_dead_letters(
                 BROKER_URL, group=group, exchange=EXCHANGE, event_ids=[poison]
             ) == [(poison, True)]
-            wait_until(
+            harness.wait_until(
                 lambda: f"group {group} already handled event {poison}" in caplog.text,
                 30,
                 "the duplicate to be dropped",

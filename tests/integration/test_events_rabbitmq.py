@@ -19,15 +19,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import amqp.exceptions
+import harness
 import kombu
-import psycopg
 import pytest
-from psycopg import sql
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, create_engine, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -52,7 +51,6 @@ from outbox import OutboxWriter, PublishError, RecordingPublisher, Relay
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_URL = os.environ.get("ORCHESTRATOR_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -96,41 +94,6 @@ seen = Table(
 
 
 # ------------------------------------------------------------------------------ helpers
-def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def _recreate_database(url: str) -> None:
-    parsed = make_url(url)
-    try:
-        admin = psycopg.connect(
-            host=parsed.host or "127.0.0.1",
-            port=parsed.port or 5432,
-            user=parsed.username or "postgres",
-            password=parsed.password,
-            dbname="postgres",
-            autocommit=True,
-            connect_timeout=5,
-        )
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is unreachable: {exc}", pytrace=False)
-    with admin:
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = %s AND pid <> pg_backend_pid()",
-            (parsed.database,),
-        )
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(parsed.database)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(parsed.database)))
-
-
 def broker() -> kombu.Connection:
     return kombu.Connection(BROKER_URL, connect_timeout=5)
 
@@ -261,7 +224,7 @@ def engine() -> Iterator[Engine]:
             conn.ensure_connection(max_retries=1, timeout=5)
     except Exception as exc:
         pytest.fail(f"RabbitMQ is unreachable at {BROKER_URL}: {exc!r}", pytrace=False)
-    _recreate_database(DATABASE_URL)
+    harness.recreate_database(DATABASE_URL)
     migrate.upgrade(DATABASE_URL)
     engine = create_engine(DATABASE_URL, pool_pre_ping=True)
     seen_metadata.create_all(engine)
@@ -331,7 +294,7 @@ class Subscriber:
         return self.log_path.read_text()
 
     def wait_for_log(self, text: str, count: int = 1, timeout: float = 30) -> None:
-        wait_until(
+        harness.wait_until(
             lambda: self.log().count(text) >= count,
             timeout,
             f"{text!r} in the subscriber's log:\n{self.log()}",
@@ -391,9 +354,11 @@ def test_a_subscriber_killed_between_commit_and_ack_changes_nothing_on_redeliver
     try:
         for group in crashed:
             second.wait_for_log(f"group {group} already handled event {envelope.event_id}")
-        wait_until(lambda: handled_by() == {"analytics", "notifications"}, 30, "both groups")
+        harness.wait_until(
+            lambda: handled_by() == {"analytics", "notifications"}, 30, "both groups"
+        )
         for group in ("analytics", "notifications"):
-            wait_until(
+            harness.wait_until(
                 lambda group=group: queue_counts(TOPOLOGY.group_queue(group)) == (0, 1),
                 30,
                 f"{group}'s queue to be empty",
@@ -423,15 +388,19 @@ def test_a_group_added_later_receives_new_events_without_changing_the_publisher(
     recorder("early", early)
     with running(runtime_for(engine, early)):
         outbox.publish(ThingHappened(n=1), correlation_id="later-1")
-        wait_until(lambda: seen_rows(engine, "early") == [("later-1", 1)], 30, "early's event 1")
+        harness.wait_until(
+            lambda: seen_rows(engine, "early") == [("later-1", 1)], 30, "early's event 1"
+        )
 
         # A new group: its own module, its own queue; publishers stay as they are.
         late = SubscriberRegistry()
         recorder("late", late)
         with running(runtime_for(engine, late)):
             outbox.publish(ThingHappened(n=2), correlation_id="later-1")
-            wait_until(lambda: seen_rows(engine, "late") == [("later-1", 2)], 30, "late's event")
-            wait_until(
+            harness.wait_until(
+                lambda: seen_rows(engine, "late") == [("later-1", 2)], 30, "late's event"
+            )
+            harness.wait_until(
                 lambda: seen_rows(engine, "early") == [("later-1", 1), ("later-1", 2)],
                 30,
                 "early's event 2",
@@ -479,10 +448,12 @@ def test_poison_messages_are_dead_lettered_with_their_reason_and_consuming_goes_
         )
         publish_raw(envelope_bytes(ThingHappened(n=13)), "it.thing.happened", message_id="failing")
         publish_raw(envelope_bytes(ThingHappened(n=1), correlation_id="p"), "it.thing.happened")
-        wait_until(lambda: seen_rows(engine, "poison") == [("p", 1)], 30, "the good event")
+        harness.wait_until(lambda: seen_rows(engine, "poison") == [("p", 1)], 30, "the good event")
 
         dead_queue = TOPOLOGY.dead_letter_queue("poison")
-        wait_until(lambda: (queue_counts(dead_queue) or (0, 0))[0] == 4, 30, "4 dead letters")
+        harness.wait_until(
+            lambda: (queue_counts(dead_queue) or (0, 0))[0] == 4, 30, "4 dead letters"
+        )
         dead = {message.properties["message_id"]: message for message in take_all(dead_queue)}
         reasons = {
             message_id: message.headers[events.DEAD_LETTER_REASON_HEADER]
@@ -501,13 +472,15 @@ def test_poison_messages_are_dead_lettered_with_their_reason_and_consuming_goes_
         # Still consuming.
         assert thread.is_alive()
         publish_raw(envelope_bytes(ThingHappened(n=2), correlation_id="p"), "it.thing.happened")
-        wait_until(lambda: seen_rows(engine, "poison") == [("p", 1), ("p", 2)], 30, "event 2")
+        harness.wait_until(
+            lambda: seen_rows(engine, "poison") == [("p", 1), ("p", 2)], 30, "event 2"
+        )
     assert queue_counts(TOPOLOGY.group_queue("poison")) == (0, 0)
 
 
 def test_an_unroutable_event_is_kept_by_the_alternate_exchange(outbox: Outbox) -> None:
     envelope = outbox.publish(Unheard(n=99), correlation_id="nobody-listens")
-    messages = wait_until(
+    messages = harness.wait_until(
         lambda: [
             message
             for message in take_all(TOPOLOGY.unroutable_queue)
@@ -579,7 +552,7 @@ def test_events_of_one_workflow_arrive_in_commit_order_with_two_relays(
         for thread in threads:
             thread.start()
         try:
-            wait_until(
+            harness.wait_until(
                 lambda: len(seen_rows(engine, "ordered")) >= per_order * len(orders),
                 60,
                 "every event at the subscriber",
@@ -661,7 +634,7 @@ def test_subscribers_status_command_shows_backlog_dead_letters_and_lag(
     recorder("status", registry)
     with running(runtime_for(engine, registry)):
         outbox.publish(ThingHappened(n=1), correlation_id="status-1")
-        wait_until(lambda: seen_rows(engine, "status"), 30, "the first event")
+        harness.wait_until(lambda: seen_rows(engine, "status"), 30, "the first event")
     # Nobody consumes now: these wait in the group's queue.
     outbox.publish(ThingHappened(n=2), correlation_id="status-1")
     outbox.publish(ThingHappened(n=3), correlation_id="status-1")
