@@ -69,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="starts per second of the sustained load (default: half our measured throughput)",
     )
+    parser.add_argument(
+        "--open-runs",
+        type=int,
+        default=100_000,
+        help="runs left open waiting on a signal (100000)",
+    )
+    parser.add_argument(
+        "--signalled",
+        type=int,
+        default=3_000,
+        help="of those, how many are signalled and run to their end (3000)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
     parser.add_argument(
         "--database-url",
@@ -137,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         long_steps=args.long_steps,
         relay_seconds=args.relay_seconds,
         relay_rate=args.relay_rate,
+        open_runs=args.open_runs,
+        signalled=args.signalled,
         profile_dir=args.profile.resolve() if args.profile else None,
     )
     if options.profile_dir is not None:

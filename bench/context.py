@@ -28,6 +28,8 @@ class Options:
     long_steps: int = 5000
     relay_seconds: float = 30.0
     relay_rate: float | None = None
+    open_runs: int = 100_000
+    signalled: int = 3_000
     profile_dir: Path | None = None
 
 

@@ -38,7 +38,7 @@ POLL = 0.02
 FINE_POLL = 0.001
 
 
-def _queues(ctx: Context) -> tuple[str, str]:
+def private_queues(ctx: Context) -> tuple[str, str]:
     """The engine's two private queues; the same for the whole invocation."""
     names = ctx.shared.get("ours_queues")
     if names is None:
@@ -187,7 +187,7 @@ def deploy(
     from orchestrator.migrate import upgrade
 
     options = ctx.options
-    workflow_queue, activity_queue = _queues(ctx)
+    workflow_queue, activity_queue = private_queues(ctx)
     from bench import saga_app
 
     database_url = ctx.postgres.create(purpose)
@@ -210,7 +210,7 @@ def deploy(
         }
     )
     orchestrator = Orchestrator(
-        workflows=[saga_app.NoopSaga, saga_app.LongLoop],
+        workflows=saga_app.WORKFLOWS,
         activities=[saga_app.step_one, saga_app.step_two, saga_app.step_three, saga_app.undo_step],
         settings=settings,
     )

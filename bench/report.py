@@ -221,11 +221,27 @@ def scale_table(scale: dict[str, Any]) -> str:
                 )
             )
     waiting = scale.get("waiting_on_signal") or {}
-    if waiting:
+    if "error" in waiting:
+        rows.append(("open runs on a signal", f"not measured: {waiting['error'][:60]}", "", ""))
+    elif waiting:
+        rss = waiting["worker_rss_mb"]
         rows.append(
             (
-                "100,000 open runs on a signal",
-                "not available: " + str(waiting.get("reason", "")),
+                f"{waiting['open_runs']:,} open runs on a signal",
+                f"worker RSS {_num(rss['idle'])} MB idle, {_num(rss['all_open'])} MB with all "
+                f"open, {_num(rss['after'])} MB after {waiting['signalled']:,} signalled runs "
+                f"closed: {_num(waiting['after_over_idle'])}x",
+                f"<= {waiting['target']}x",
+                "meets" if waiting["meets_target"] else "misses",
+            )
+        )
+        rows.append(
+            (
+                "",
+                f"started at {_num(waiting['starts_per_second'])}/s; signal to close p50 "
+                f"{_num(_get(waiting, 'signal_to_close_ms', 'p50'))} ms, p99 "
+                f"{_num(_get(waiting, 'signal_to_close_ms', 'p99'))} ms; database "
+                f"{_num(waiting['database_mb'])} MB",
                 "",
                 "",
             )

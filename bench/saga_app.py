@@ -74,8 +74,27 @@ class LongLoop:
         return steps
 
 
+@workflow.defn(name="AwaitSignal")
+class AwaitSignal:
+    """Waits, open, for its ``proceed`` signal; then one no-op activity, and it closes."""
+
+    def __init__(self) -> None:
+        self.go = False
+
+    @workflow.signal
+    def proceed(self) -> None:
+        self.go = True
+
+    @workflow.run
+    async def run(self) -> None:
+        await workflow.wait_condition(lambda: self.go)
+        await workflow.execute_activity(step_one)
+
+
+WORKFLOWS = [NoopSaga, LongLoop, AwaitSignal]
+
 orchestrator = Orchestrator(
-    workflows=[NoopSaga, LongLoop],
+    workflows=WORKFLOWS,
     activities=[step_one, step_two, step_three, undo_step],
 )
 celery = orchestrator.celery

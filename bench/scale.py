@@ -9,12 +9,18 @@
   normal post-commit publishing (the relay running as the safety net) and once
   with the relay publishing everything; the lag of a message is its row's
   ``published_at`` minus ``created_at``.
-- open runs waiting on a signal: not measurable yet, reported as such.
+- open runs waiting on a signal: ``--open-runs`` runs (100,000) are started and
+  left waiting on a signal; then ``--signalled`` of them (3,000, three times the
+  workers' instance cache), picked at random, are signalled and run to their
+  end. The workers' resident memory is sampled before the runs exist, with all
+  of them open, and as the signalled ones finish: it must stay flat, because a
+  worker holds at most its cache of instances, whatever the number of open runs.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 import statistics
 import threading
 import time
@@ -27,7 +33,7 @@ from sqlalchemy import text
 
 from bench.context import BenchError, Context
 from bench.infra import stop_everything
-from bench.ours import Deployment, deployed
+from bench.ours import Deployment, deployed, private_queues
 from bench.stats import Progress, say, summarize_ms
 
 WINDOW = 100
@@ -308,18 +314,123 @@ def _wait_published(dep: Deployment, since: datetime, timeout: float) -> int:
         time.sleep(0.2)
 
 
-# -------------------------------------------------------------------- not yet there
-def waiting_runs() -> dict[str, Any]:
+# ------------------------------------------------------ open runs waiting on a signal
+FLAT_MEMORY_TARGET = 1.1
+_START_BATCH = 500
+
+
+def waiting_runs(ctx: Context) -> dict[str, Any]:
+    from bench.saga_app import AwaitSignal
+
+    total = ctx.options.open_runs
+    chosen_count = min(ctx.options.signalled, total)
+    # No lifecycle events: 100,000 of them would keep the relay busy during the
+    # measurement, and they are not what this scenario is about.
+    env = {"ORCHESTRATOR_LIFECYCLE_EVENTS": "false"}
+    with deployed(ctx, "ours_waiting", env=env) as dep:
+        assert dep.sampler is not None
+        rss_idle = dep.sampler.sample()
+        client = dep.orchestrator.client()
+        sessions = dep.orchestrator.engine.sessions
+        progress = Progress(f"starting {total:,} runs that wait on a signal", total)
+        began = time.monotonic()
+        for first in range(0, total, _START_BATCH):
+            last = min(first + _START_BATCH, total)
+            with sessions() as session:
+                for index in range(first, last):
+                    client.start_workflow(AwaitSignal, workflow_id=f"wait-{index}", session=session)
+                session.commit()
+            dep.runs_started += last - first
+            dep.check_alive()
+            progress.update(last)
+        progress.finish(total)
+        start_seconds = time.monotonic() - began
+        open_count = _count(dep, "closed_at IS NULL")
+        if open_count < total:
+            raise BenchError(f"only {open_count} of {total} runs are open")
+        time.sleep(2.0)
+        rss_open = dep.sampler.sample()
+
+        chosen = random.Random(7).sample(range(total), chosen_count)
+        progress = Progress(f"signalling {chosen_count:,} of them", chosen_count)
+        rss_during: list[int] = []
+        began = time.monotonic()
+        for sent, index in enumerate(chosen, 1):
+            client.get_handle(f"wait-{index}").signal("proceed")
+            if sent % max(1, chosen_count // 10) == 0:
+                rss_during.append(dep.sampler.sample())
+                dep.check_alive()
+                progress.update(sent)
+        deadline = time.monotonic() + ctx.options.timeout
+        while (closed := _count(dep, "closed_at IS NOT NULL")) < chosen_count:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{closed}/{chosen_count} signalled runs closed in time")
+            dep.check_alive()
+            time.sleep(0.2)
+        progress.finish(chosen_count)
+        signal_seconds = time.monotonic() - began
+        rss_after = dep.sampler.sample()
+        with dep.db.connect() as conn:
+            latencies = [
+                float(row[0]) * 1000
+                for row in conn.execute(
+                    text(
+                        "SELECT extract(epoch FROM r.closed_at - e.created_at) "
+                        "FROM workflow_runs r JOIN workflow_events e ON e.run_id = r.run_id "
+                        "WHERE r.closed_at IS NOT NULL AND r.workflow_id LIKE 'wait-%' "
+                        "AND e.event_type = 'SignalReceived'"
+                    )
+                )
+            ]
+            database_mb = (
+                conn.execute(text("SELECT pg_database_size(current_database())")).scalar_one()
+                / 2**20
+            )
+    growth = rss_after / rss_idle if rss_idle else None
     return {
-        "available": False,
-        "reason": "the engine has no signals yet: 100,000 open runs waiting on a signal "
-        "cannot be created",
+        "available": True,
+        "open_runs": total,
+        "signalled": chosen_count,
+        "start_seconds": start_seconds,
+        "starts_per_second": total / start_seconds if start_seconds else None,
+        "signal_seconds": signal_seconds,
+        "worker_rss_mb": {
+            "idle": rss_idle / 2**20,
+            "all_open": rss_open / 2**20,
+            "while_signalled": [value / 2**20 for value in rss_during],
+            "after": rss_after / 2**20,
+        },
+        "after_over_idle": growth,
+        "target": FLAT_MEMORY_TARGET,
+        "meets_target": growth is not None and growth <= FLAT_MEMORY_TARGET,
+        "signal_to_close_ms": summarize_ms(latencies),
+        "database_mb": database_mb,
+        **ctx.shared.pop("ours_waiting_teardown", {}),
     }
+
+
+def _count(dep: Deployment, condition: str) -> int:
+    with dep.db.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM workflow_runs "
+                    f"WHERE workflow_id LIKE 'wait-%' AND {condition}"
+                )
+            ).scalar_one()
+        )
 
 
 def run(ctx: Context) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for name, scenario in (("long_history", long_history), ("outbox_lag", outbox_lag)):
+    # Before bench.saga_app is first imported: its activities' queue comes from it.
+    private_queues(ctx)
+    scenarios = (
+        ("long_history", long_history),
+        ("outbox_lag", outbox_lag),
+        ("waiting_on_signal", waiting_runs),
+    )
+    for name, scenario in scenarios:
         try:
             results[name] = scenario(ctx)
         except BenchError as exc:
@@ -330,5 +441,4 @@ def run(ctx: Context) -> dict[str, Any]:
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
         finally:
             stop_everything()
-    results["waiting_on_signal"] = waiting_runs()
     return results

@@ -4,16 +4,25 @@ An attempt is claimed in a short transaction before the user's code runs (so a
 duplicate or stale message finds it taken), and its outcome is recorded under the
 run's lock afterwards. Retries wait in durable timers; deadlines (start-to-close,
 heartbeat, schedule-to-close) are enforced by the scheduler.
+
+Eager dispatch: a worker that records a result and decides the next activity,
+on a queue it serves itself, claims that attempt in the same transaction and
+runs it right after the commit, instead of sending a message for another worker
+to claim. The claimed attempt is exactly what a worker that took the message
+would have: if this process dies before recording its outcome, the attempt's
+start-to-close (or heartbeat) deadline expires and the retry policy decides,
+as for any worker lost mid-attempt.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from activities.context import ActivityInfo
@@ -23,7 +32,7 @@ from activities.execution import Outcome, execute
 from activities.failure import Failure
 from activities.retry import RetryPolicy
 from orchestrator import messages, metrics
-from orchestrator.db import as_utc
+from orchestrator.db import as_utc, once_more_on_disconnect
 from orchestrator.history import ActivityCompleted, ActivityFailed, ActivityScheduled
 from orchestrator.runs import LockedRun, lock_run, save_run
 from orchestrator.schema import activity_tasks, timers, workflow_runs
@@ -37,6 +46,81 @@ log = logging.getLogger("orchestrator.activities")
 
 ACTIVITY_RETRY = "ACTIVITY_RETRY"
 _KEEP_ATTEMPT_FAILURES = 20
+
+
+@dataclass(frozen=True)
+class ClaimedAttempt:
+    """An attempt this process has claimed and is about to run."""
+
+    info: ActivityInfo
+    definition: ActivityDefinition
+    payload: Any
+
+
+# Statements of the hot path, built once (see orchestrator.runs).
+_INSERT_ACTIVITY = insert(activity_tasks)
+_ONE_ACTIVITY = (
+    activity_tasks.c.run_id == bindparam("b_run_id"),
+    activity_tasks.c.activity_id == bindparam("b_activity_id"),
+)
+_SELECT_ACTIVITY = select(activity_tasks).where(*_ONE_ACTIVITY)
+# The SET clause comes from the parameters' names.
+_UPDATE_ACTIVITY = update(activity_tasks).where(*_ONE_ACTIVITY)
+_CLAIM_ACTIVITY = (
+    select(
+        activity_tasks,
+        workflow_runs.c.workflow_id,
+        workflow_runs.c.workflow_type,
+        workflow_runs.c.paused,
+        workflow_runs.c.closed_at.label("run_closed_at"),
+    )
+    .join(workflow_runs, workflow_runs.c.run_id == activity_tasks.c.run_id)
+    .where(*_ONE_ACTIVITY)
+    .with_for_update(of=activity_tasks)
+)
+
+# Recording an outcome reads the attempt after the run's lock is taken, in a
+# statement of its own: a statement that locked the run and read the attempt at
+# once could, after waiting for the lock, see the attempt as it was before the
+# transaction it waited for (which may have timed it out or cancelled it).
+_ATTEMPT_STATE = select(
+    activity_tasks.c.attempt, activity_tasks.c.status, activity_tasks.c.activity_type
+).where(*_ONE_ACTIVITY)
+
+
+class EagerObserver(Protocol):
+    """Told about the attempts that run eagerly (no broker message, so no task events)."""
+
+    def started(self, info: ActivityInfo) -> None: ...
+
+    def finished(self, info: ActivityInfo, failure: Failure | None, runtime: float) -> None: ...
+
+    def flush(self) -> None:
+        """The chain of eager attempts has ended."""
+
+
+# The session flag of a transaction whose caller runs an eager claim after its commit,
+# and the key the claim is kept under until then.
+EAGER_ALLOWED = "eager_allowed"
+EAGER_CLAIM = "eager_claim"
+# A chain of eager attempts stops taking new ones after this long: the broker
+# message that began it stays unacknowledged until the chain ends, and RabbitMQ
+# closes a channel that holds one too long (consumer_timeout, 30 minutes).
+EAGER_MAX_SECONDS = 60.0
+
+
+def _attempt_deadline(
+    now: datetime,
+    start_to_close: float,
+    heartbeat_timeout: float | None,
+    close_deadline: datetime | None,
+) -> datetime:
+    deadline = now + timedelta(seconds=start_to_close)
+    if heartbeat_timeout:
+        deadline = min(deadline, now + timedelta(seconds=heartbeat_timeout))
+    if close_deadline is not None:
+        deadline = min(deadline, close_deadline)
+    return deadline
 
 
 def _close_deadline(row: Any) -> datetime | None:
@@ -54,33 +138,66 @@ class ActivityRunner:
     # ---------------------------------------------------------------- scheduling
     def schedule(
         self, session: Session, run: LockedRun, command: ActivityScheduled, now: datetime
-    ) -> OutboxMessage:
+    ) -> OutboxMessage | None:
+        """Record a new activity; the message that asks for it, or None if it runs here."""
         close_deadline = (
             now + timedelta(seconds=command.schedule_to_close)
             if command.schedule_to_close
             else None
         )
-        session.execute(
-            insert(activity_tasks).values(
-                run_id=run.run_id,
-                activity_id=command.activity_id,
-                activity_type=command.activity_type,
-                task_queue=command.task_queue,
-                input=command.input,
-                attempt=1,
-                status="SCHEDULED",
-                retry_policy=command.retry_policy,
-                start_to_close=command.start_to_close,
-                schedule_to_close=command.schedule_to_close,
-                heartbeat_timeout=command.heartbeat_timeout,
-                is_compensation=command.is_compensation,
-                idempotency_key=f"{run.workflow_id}/{run.run_id}/{command.activity_id}",
-                scheduled_at=now,
-                attempt_scheduled_at=now,
-                deadline_at=close_deadline,
-                attempt_failures=[],
+        idempotency_key = f"{run.workflow_id}/{run.run_id}/{command.activity_id}"
+        eager = self._eager_candidate(session, run, command)
+        started_at: datetime | None = None
+        deadline_at = close_deadline
+        if eager is not None:
+            started_at = now
+            deadline_at = _attempt_deadline(
+                now, command.start_to_close, command.heartbeat_timeout, close_deadline
             )
+            session.info[EAGER_CLAIM] = ClaimedAttempt(
+                info=ActivityInfo(
+                    activity_id=command.activity_id,
+                    activity_type=command.activity_type,
+                    workflow_id=run.workflow_id,
+                    workflow_type=run.workflow_type,
+                    run_id=run.run_id,
+                    attempt=1,
+                    idempotency_key=idempotency_key,
+                    task_queue=command.task_queue,
+                    scheduled_at=now,
+                    started_at=now,
+                    deadline=deadline_at,
+                    heartbeat_details=None,
+                    is_compensation=command.is_compensation,
+                ),
+                definition=eager,
+                payload=command.input,
+            )
+        session.execute(
+            _INSERT_ACTIVITY,
+            {
+                "run_id": run.run_id,
+                "activity_id": command.activity_id,
+                "activity_type": command.activity_type,
+                "task_queue": command.task_queue,
+                "input": command.input,
+                "attempt": 1,
+                "status": "SCHEDULED" if eager is None else "STARTED",
+                "retry_policy": command.retry_policy,
+                "start_to_close": command.start_to_close,
+                "schedule_to_close": command.schedule_to_close,
+                "heartbeat_timeout": command.heartbeat_timeout,
+                "is_compensation": command.is_compensation,
+                "idempotency_key": idempotency_key,
+                "scheduled_at": now,
+                "attempt_scheduled_at": now,
+                "started_at": started_at,
+                "deadline_at": deadline_at,
+                "attempt_failures": [],
+            },
         )
+        if eager is not None:
+            return None
         return messages.activity_task(
             run_id=run.run_id,
             workflow_id=run.workflow_id,
@@ -90,52 +207,93 @@ class ActivityRunner:
             queue=command.task_queue,
         )
 
+    def _eager_candidate(
+        self, session: Session, run: LockedRun, command: ActivityScheduled
+    ) -> ActivityDefinition | None:
+        """The definition to run ``command`` with here, or None to send it to a worker.
+
+        One per transaction: further activities a step schedules (a fan-out) go
+        to the queue, so that other workers take them in parallel.
+        """
+        engine = self.engine
+        if (
+            not session.info.get(EAGER_ALLOWED)
+            or EAGER_CLAIM in session.info
+            or run.paused
+            or command.task_queue not in engine.eager_queues
+            or not engine.registry.has_activity(command.activity_type)
+        ):
+            return None
+        return engine.registry.activity(command.activity_type)
+
     # ------------------------------------------------------------------ running
     def run_attempt(self, run_id: str, activity_id: str, attempt: int) -> None:
-        """Run one attempt, if it is still the current one, and record its outcome."""
+        """Run one attempt, if it is still the current one, and record its outcome.
+
+        Then run, one after the other, the attempts its outcome claimed here
+        (eager dispatch), up to ``eager_max_steps`` of them; the rest of the run
+        goes on through the broker.
+        """
         claimed = self._claim(run_id, activity_id, attempt)
-        if claimed is None:
-            return
-        info, defn, payload = claimed
+        if claimed is not None:
+            self.run_claimed(claimed, eager=False)
+
+    def run_claimed(self, claimed: ClaimedAttempt, *, eager: bool) -> None:
+        """Run a claimed attempt and the eager attempts that follow from it."""
+        budget = self.engine.settings.eager_max_steps
+        until = time.monotonic() + EAGER_MAX_SECONDS
+        next_claim: ClaimedAttempt | None = claimed
+        observer = self.engine.eager_observer
+        try:
+            while next_claim is not None:
+                allowed = budget > 0 and time.monotonic() < until
+                next_claim = self._run(next_claim, eager=eager, eager_allowed=allowed)
+                budget -= 1
+                eager = True
+        finally:
+            if observer is not None:
+                observer.flush()
+
+    def _run(
+        self, claimed: ClaimedAttempt, *, eager: bool, eager_allowed: bool
+    ) -> ClaimedAttempt | None:
+        info = claimed.info
+        observer = self.engine.eager_observer if eager else None
+        if observer is not None:
+            observer.started(info)
         crash_point("activity.started")
 
         def heartbeat(details: Any) -> None:
-            self._heartbeat(run_id, activity_id, attempt, details)
+            self._heartbeat(info.run_id, info.activity_id, info.attempt, details)
 
         started = time.monotonic()
         outcome = execute(
-            defn, info, payload, heartbeat=heartbeat, limit=self.engine.settings.max_payload_bytes
+            claimed.definition,
+            info,
+            claimed.payload,
+            heartbeat=heartbeat,
+            limit=self.engine.settings.max_payload_bytes,
         )
+        runtime = time.monotonic() - started
         metrics.record_activity(
             info.activity_type,
             metrics.ACTIVITY_COMPLETED if outcome.failure is None else metrics.ACTIVITY_FAILED,
-            time.monotonic() - started,
+            runtime,
         )
+        if observer is not None:
+            observer.finished(info, outcome.failure, runtime)
         crash_point("activity.executed")
-        self._finish(run_id, activity_id, attempt, outcome)
+        return self._finish(
+            info.run_id, info.activity_id, info.attempt, outcome, eager_allowed=eager_allowed
+        )
 
-    def _claim(
-        self, run_id: str, activity_id: str, attempt: int
-    ) -> tuple[ActivityInfo, ActivityDefinition, Any] | None:
+    @once_more_on_disconnect
+    def _claim(self, run_id: str, activity_id: str, attempt: int) -> ClaimedAttempt | None:
         engine = self.engine
         now = engine.clock()
         with engine.sessions.begin() as session:
             row = (
-                session.execute(
-                    select(
-                        activity_tasks,
-                        workflow_runs.c.workflow_id,
-                        workflow_runs.c.workflow_type,
-                        workflow_runs.c.paused,
-                        workflow_runs.c.closed_at.label("run_closed_at"),
-                    )
-                    .join(workflow_runs, workflow_runs.c.run_id == activity_tasks.c.run_id)
-                    .where(
-                        activity_tasks.c.run_id == run_id,
-                        activity_tasks.c.activity_id == activity_id,
-                    )
-                    .with_for_update(of=activity_tasks)
-                )
+                session.execute(_CLAIM_ACTIVITY, {"b_run_id": run_id, "b_activity_id": activity_id})
                 .mappings()
                 .first()
             )
@@ -153,19 +311,11 @@ class ActivityRunner:
                 )
                 return None
             defn = engine.registry.activity(row["activity_type"])
-            deadline = now + timedelta(seconds=row["start_to_close"])
-            if row["heartbeat_timeout"]:
-                deadline = min(deadline, now + timedelta(seconds=row["heartbeat_timeout"]))
-            close = _close_deadline(row)
-            if close is not None:
-                deadline = min(deadline, close)
-            session.execute(
-                update(activity_tasks)
-                .where(
-                    activity_tasks.c.run_id == run_id,
-                    activity_tasks.c.activity_id == activity_id,
-                )
-                .values(status="STARTED", started_at=now, deadline_at=deadline)
+            deadline = _attempt_deadline(
+                now, row["start_to_close"], row["heartbeat_timeout"], _close_deadline(row)
+            )
+            set_activity(
+                session, run_id, activity_id, status="STARTED", started_at=now, deadline_at=deadline
             )
         info = ActivityInfo(
             activity_id=activity_id,
@@ -182,7 +332,7 @@ class ActivityRunner:
             heartbeat_details=row["heartbeat_details"],
             is_compensation=bool(row["is_compensation"]),
         )
-        return info, defn, row["input"]
+        return ClaimedAttempt(info=info, definition=defn, payload=row["input"])
 
     def _heartbeat(self, run_id: str, activity_id: str, attempt: int, details: Any) -> None:
         """Record progress, push the heartbeat deadline, and pass on a cancellation."""
@@ -234,11 +384,26 @@ class ActivityRunner:
                 .values(**values)
             )
 
-    def _finish(self, run_id: str, activity_id: str, attempt: int, outcome: Outcome) -> None:
+    @once_more_on_disconnect
+    def _finish(
+        self,
+        run_id: str,
+        activity_id: str,
+        attempt: int,
+        outcome: Outcome,
+        *,
+        eager_allowed: bool,
+    ) -> ClaimedAttempt | None:
+        """Record an attempt's outcome; the next attempt claimed here, if any."""
         engine = self.engine
         with engine.sessions() as session:
+            session.info[EAGER_ALLOWED] = eager_allowed
             run = lock_run(session, run_id)
-            row = activity_row(session, run_id, activity_id)
+            row = (
+                session.execute(_ATTEMPT_STATE, {"b_run_id": run_id, "b_activity_id": activity_id})
+                .mappings()
+                .first()
+            )
             if (
                 run is None
                 or row is None
@@ -249,7 +414,7 @@ class ActivityRunner:
                     "activity outcome arrived for an attempt that is no longer current",
                     extra={"run_id": run_id, "activity_id": activity_id, "attempt": attempt},
                 )
-                return
+                return None
             now = engine.clock()
             if outcome.failure is None and not run.is_open:
                 # The run closed while this ran (terminated, say): keep the record,
@@ -282,12 +447,15 @@ class ActivityRunner:
                 )
                 appended = True
             else:
-                appended = self.attempt_failed(session, run, row, outcome.failure, now)
+                full_row = activity_row(session, run_id, activity_id)
+                appended = self.attempt_failed(session, run, full_row, outcome.failure, now)
             if appended:
                 engine.after_result(session, run, now)  # saves the run
             else:
                 save_run(session, run, now)
             engine.commit(session)
+            claim: ClaimedAttempt | None = session.info.pop(EAGER_CLAIM, None)
+            return claim
 
     def attempt_failed(
         self, session: Session, run: LockedRun, row: Any, failure: Failure, now: datetime
@@ -453,20 +621,11 @@ class ActivityRunner:
 
 def activity_row(session: Session, run_id: str, activity_id: str) -> Any:
     return (
-        session.execute(
-            select(activity_tasks).where(
-                activity_tasks.c.run_id == run_id,
-                activity_tasks.c.activity_id == activity_id,
-            )
-        )
+        session.execute(_SELECT_ACTIVITY, {"b_run_id": run_id, "b_activity_id": activity_id})
         .mappings()
         .first()
     )
 
 
 def set_activity(session: Session, run_id: str, activity_id: str, **values: Any) -> None:
-    session.execute(
-        update(activity_tasks)
-        .where(activity_tasks.c.run_id == run_id, activity_tasks.c.activity_id == activity_id)
-        .values(**values)
-    )
+    session.execute(_UPDATE_ACTIVITY, {"b_run_id": run_id, "b_activity_id": activity_id, **values})

@@ -17,6 +17,7 @@ from sqlalchemy import Engine as DbEngine
 
 from activities.definition import ActivityDefinition
 from activities.payload import to_payload, validate_input
+from orchestrator.activity_runner import EagerObserver
 from orchestrator.db import create_db_engine, utcnow
 from orchestrator.engine import Engine
 from orchestrator.errors import WorkflowAlreadyStartedError
@@ -80,6 +81,8 @@ class Orchestrator:
         self._celery: Celery | None = None
         self._publisher: Publisher | None = None
         self._embedded: EmbeddedBroker | None = None
+        self._local_queues: frozenset[str] = frozenset()
+        self._eager_observer: EagerObserver | None = None
 
     # -- lazily built parts -------------------------------------------------------
     @property
@@ -150,7 +153,22 @@ class Orchestrator:
                     ),
                     clock=self.clock,
                 )
+                self._engine.serve_locally(self._local_queues, self._eager_observer)
             return self._engine
+
+    def serve_queues_locally(
+        self, queues: Iterable[str], observer: EagerObserver | None = None
+    ) -> None:
+        """This process is a worker consuming ``queues``: run activities decided on them here.
+
+        Called when a Celery worker starts (see ``eager_max_steps``); ``observer``
+        hears of every attempt that runs so, without a message of its own.
+        """
+        with self._lock:
+            self._local_queues = frozenset(queues)
+            self._eager_observer = observer
+            if self._engine is not None:
+                self._engine.serve_locally(self._local_queues, observer)
 
     def client(self) -> Client:
         """A client for starting and inspecting runs (starts the embedded workers if embedded)."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.exceptions import Reject
+from celery.signals import worker_init
 from celery.worker.consumer import Consumer
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
@@ -86,7 +87,9 @@ def create_celery(orchestrator: Orchestrator) -> Celery:
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        # No task-sent events: one more publish per message on the hot path, and
+        # Flower lists a task from its worker's task-received event anyway.
+        task_send_sent_event=False,
         task_ignore_result=True,
         task_serializer="json",
         accept_content=["json"],
@@ -132,6 +135,19 @@ def create_celery(orchestrator: Orchestrator) -> Celery:
 
     for defn in orchestrator.registry.activities.values():
         _register_activity(app, orchestrator, defn.name, defn.task_queue)
+
+    def serve_locally(sender: Any = None, **_kwargs: Any) -> None:
+        # After -Q is applied and before the pool forks: the children inherit it.
+        if sender is None or sender.app is not app:
+            return
+        from orchestrator.task_events import TaskEvents
+
+        celery_app: Celery = sender.app
+        send_events = celery_app.conf.worker_send_task_events
+        observer = TaskEvents(celery_app, sender.hostname) if send_events else None
+        orchestrator.serve_queues_locally(celery_app.amqp.queues.consume_from, observer)
+
+    worker_init.connect(serve_locally, weak=False)
     return app
 
 

@@ -19,15 +19,21 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine as DbEngine
-from sqlalchemy import insert, null, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, insert, null, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from activities.failure import Failure
 from events import EventEnvelope, event_message
 from orchestrator import audit, messages, metrics
-from orchestrator.activity_runner import ActivityRunner
-from orchestrator.db import session_factory, utcnow
+from orchestrator.activity_runner import (
+    EAGER_ALLOWED,
+    EAGER_CLAIM,
+    ActivityRunner,
+    ClaimedAttempt,
+    EagerObserver,
+)
+from orchestrator.db import once_more_on_disconnect, session_factory, utcnow
 from orchestrator.dead_letters import DeadLetters
 from orchestrator.errors import (
     HistoryLimitError,
@@ -72,6 +78,28 @@ log = logging.getLogger("orchestrator.engine")
 
 Clock = Callable[[], datetime]
 
+# A start that finds the workflow id held by an open run inserts nothing; the
+# unique index on open runs' ids decides, without an error.
+_INSERT_RUN = insert(workflow_runs).returning(workflow_runs.c.run_id)
+_INSERT_RUN_UNLESS_OPEN = {
+    "postgresql": postgresql.insert(workflow_runs)
+    .on_conflict_do_nothing()
+    .returning(workflow_runs.c.run_id),
+    "sqlite": sqlite.insert(workflow_runs)
+    .on_conflict_do_nothing()
+    .returning(workflow_runs.c.run_id),
+}
+_START_ATTEMPTS = 3
+
+_CANCEL_OPEN_ACTIVITIES = (
+    update(activity_tasks)
+    .where(
+        activity_tasks.c.run_id == bindparam("b_run_id"),
+        activity_tasks.c.status.in_(("SCHEDULED", "STARTED", "BACKOFF")),
+    )
+    .values(status="CANCELLED", deadline_at=None)
+)
+
 
 @dataclass(frozen=True)
 class StartResult:
@@ -107,6 +135,10 @@ class Engine:
         self.clock = clock
         self.sessions = session_factory(db)
         self.cache = InstanceCache(settings.instance_cache_size)
+        # The activity queues this process serves (a worker's): an activity decided
+        # here on one of them runs here at once (eager dispatch). Empty elsewhere.
+        self.eager_queues: frozenset[str] = frozenset()
+        self.eager_observer: EagerObserver | None = None
         self.activities = ActivityRunner(self)
         self.timers = TimerService(self)
         self.dead_letters = DeadLetters(self)
@@ -116,6 +148,11 @@ class Engine:
             max_pending=settings.max_pending,
             history_warn_events=settings.history_warn_events,
         )
+
+    def serve_locally(self, queues: frozenset[str], observer: EagerObserver | None) -> None:
+        """Run activities decided on ``queues`` in this process (see ``eager_queues``)."""
+        self.eager_queues = queues
+        self.eager_observer = observer
 
     # Entry points of the broker's consumers.
     def activity_task(self, run_id: str, activity_id: str, attempt: int) -> None:
@@ -136,34 +173,42 @@ class Engine:
         id_conflict_policy: IdConflictPolicy,
         parent: ParentLink | None = None,
     ) -> StartResult:
-        """Create a run inside ``session``'s transaction (the caller commits)."""
-        existing = self._latest_run(session, workflow_id)
-        if existing is not None:
-            decided = self._decide_duplicate(
-                workflow_id, existing, id_reuse_policy, id_conflict_policy
-            )
-            if decided is not None:
-                return decided
-        try:
-            # A savepoint, so that losing a race for the id leaves the caller's
-            # transaction usable.
-            with session.begin_nested():
-                run_id = self._insert_run(session, workflow_type, workflow_id, payload, parent)
-        except IntegrityError:
+        """Create a run inside ``session``'s transaction (the caller commits).
+
+        The database decides a race for the workflow id: the run row's insert
+        does nothing when an open run holds the id (no error, so the caller's
+        transaction stays usable), and the policies then decide what to return.
+        """
+        for _ in range(_START_ATTEMPTS):
+            if id_reuse_policy is not IdReusePolicy.ALLOW_DUPLICATE:
+                # Only a closed run can refuse a start here: the insert sees open ones.
+                existing = self._latest_run(session, workflow_id)
+                if existing is not None:
+                    decided = self._decide_duplicate(
+                        workflow_id, existing, id_reuse_policy, id_conflict_policy
+                    )
+                    if decided is not None:
+                        return decided
+            run_id = self._insert_run(session, workflow_type, workflow_id, payload, parent)
+            if run_id is not None:
+                log.info(
+                    "workflow started",
+                    extra={
+                        "workflow_id": workflow_id,
+                        "run_id": run_id,
+                        "workflow_type": workflow_type,
+                    },
+                )
+                return StartResult(run_id=run_id, created=True)
             existing = self._latest_run(session, workflow_id)
-            if existing is None:
-                raise
-            decided = self._decide_duplicate(
-                workflow_id, existing, id_reuse_policy, id_conflict_policy
-            )
-            if decided is None:
-                raise
-            return decided
-        log.info(
-            "workflow started",
-            extra={"workflow_id": workflow_id, "run_id": run_id, "workflow_type": workflow_type},
-        )
-        return StartResult(run_id=run_id, created=True)
+            if existing is not None:
+                decided = self._decide_duplicate(
+                    workflow_id, existing, id_reuse_policy, id_conflict_policy
+                )
+                if decided is not None:
+                    return decided
+            # The run that held the id closed in the meantime: try again.
+        raise WorkflowAlreadyStartedError(workflow_id, "", "RUNNING")
 
     def _insert_run(
         self,
@@ -174,34 +219,39 @@ class Engine:
         parent: ParentLink | None,
         *,
         signals: list[SignalReceived] | None = None,
-    ) -> str:
+    ) -> str | None:
         """Insert a run row, its first events and the message asking for its first task.
 
         ``signals`` follow the WorkflowStarted event: those a run that continued as
-        new received too late to handle.
+        new received too late to handle. None, and nothing written, if an open
+        run holds the workflow id.
         """
         now = self.clock()
         run_id = str(uuid.uuid4())
-        session.execute(
-            insert(workflow_runs).values(
-                run_id=run_id,
-                workflow_id=workflow_id,
-                workflow_type=workflow_type,
-                status=RunStatus.RUNNING.value,
-                input=payload,
-                history_length=0,
-                processed_seq=0,
-                cancel_requested=False,
-                paused=False,
-                task_failures=0,
-                parent_run_id=parent.run_id if parent else None,
-                parent_child_id=parent.child_id if parent else None,
-                parent_close_policy=parent.close_policy.value if parent else None,
-                parent_notified=False,
-                created_at=now,
-                updated_at=now,
-            )
+        dialect = session.get_bind().dialect.name
+        inserted = session.execute(
+            _INSERT_RUN_UNLESS_OPEN.get(dialect, _INSERT_RUN),
+            {
+                "run_id": run_id,
+                "workflow_id": workflow_id,
+                "workflow_type": workflow_type,
+                "status": RunStatus.RUNNING.value,
+                "input": payload,
+                "history_length": 0,
+                "processed_seq": 0,
+                "cancel_requested": False,
+                "paused": False,
+                "task_failures": 0,
+                "parent_run_id": parent.run_id if parent else None,
+                "parent_child_id": parent.child_id if parent else None,
+                "parent_close_policy": parent.close_policy.value if parent else None,
+                "parent_notified": False,
+                "created_at": now,
+                "updated_at": now,
+            },
         )
+        if inserted.first() is None:  # the insert did nothing: an open run holds the id
+            return None
         run = LockedRun(
             run_id=run_id,
             workflow_id=workflow_id,
@@ -210,6 +260,10 @@ class Engine:
             history_length=0,
             processed_seq=0,
             cancel_requested=False,
+            created_at=now,
+            parent_run_id=parent.run_id if parent else None,
+            parent_child_id=parent.child_id if parent else None,
+            parent_close_policy=parent.close_policy.value if parent else None,
         )
         run.append(
             WorkflowStarted(
@@ -287,23 +341,33 @@ class Engine:
     # ------------------------------------------------------------- workflow tasks
     def workflow_task(self, run_id: str) -> None:
         """Advance a run past the events it has not processed; a no-op if there are none."""
+        claim: ClaimedAttempt | None = None
         try:
-            with self.sessions() as session:
-                run = lock_run(session, run_id)
-                if (
-                    run is None
-                    or not run.is_open
-                    or run.paused
-                    or run.processed_seq >= run.history_length
-                ):
-                    return
-                self._advance(session, run, self.clock())
-                self.commit(session)
+            claim = self._workflow_task(run_id)
         except NondeterminismError as exc:
             self._record_task_failure(run_id, exc)
         except Exception as exc:
             log.exception("workflow task failed", extra={"run_id": run_id})
             self._record_task_failure(run_id, exc)
+        if claim is not None:
+            self.activities.run_claimed(claim, eager=True)
+
+    @once_more_on_disconnect
+    def _workflow_task(self, run_id: str) -> ClaimedAttempt | None:
+        with self.sessions() as session:
+            session.info[EAGER_ALLOWED] = self.settings.eager_max_steps > 0
+            run = lock_run(session, run_id)
+            if (
+                run is None
+                or not run.is_open
+                or run.paused
+                or run.processed_seq >= run.history_length
+            ):
+                return None
+            self._advance(session, run, self.clock())
+            self.commit(session)
+            claim: ClaimedAttempt | None = session.info.pop(EAGER_CLAIM, None)
+            return claim
 
     def _advance(self, session: Session, run: LockedRun, now: datetime) -> None:
         """Apply the run's new events to its workflow code and record what it decides."""
@@ -371,7 +435,9 @@ class Engine:
             )
             run.append(command)
             if isinstance(command, ActivityScheduled):
-                outgoing.append(self.activities.schedule(session, run, command, now))
+                message = self.activities.schedule(session, run, command, now)
+                if message is not None:
+                    outgoing.append(message)
             elif isinstance(command, TimerStarted):
                 start_timer(session, run, command.timer_id, command.seconds, now)
             elif isinstance(command, TimerCancelled):
@@ -381,11 +447,13 @@ class Engine:
             elif isinstance(command, ChildWorkflowScheduled):
                 follow_ups.extend(self._start_child(session, run, command))
             elif command.TYPE in CLOSING_EVENTS:
-                self._close(session, run, command, now)
+                self._close(session, run, command, now, may_have_children=instance.started_children)
         instance.recorded(len(commands))
         run.processed_seq = run.history_length
         run.changes["processed_seq"] = run.history_length
-        run.changes["task_failure"] = null()  # SQL NULL, not a JSON null
+        if run.has_task_failure:
+            run.changes["task_failure"] = null()  # SQL NULL, not a JSON null
+            run.has_task_failure = False
         for event in follow_ups:
             # Results known at once (a child that could not start) are new events
             # for the next workflow task.
@@ -426,10 +494,12 @@ class Engine:
             .where(workflow_runs.c.run_id == run.run_id)
             .values(closed_at=self.clock(), status=RunStatus.CONTINUED_AS_NEW.value)
         )
-        parent = self._parent_of(session, run.run_id)
+        parent = self._parent_of(run)
         new_run_id = self._insert_run(
             session, run.workflow_type, run.workflow_id, command.input, parent, signals=carried
         )
+        if new_run_id is None:  # pragma: no cover - this run held the id until just now
+            raise RuntimeError(f"workflow id {run.workflow_id} was taken while continuing as new")
         # The successor reports to the parent; this run no longer does.
         session.execute(
             update(workflow_runs)
@@ -444,17 +514,15 @@ class Engine:
         )
 
     @staticmethod
-    def _parent_of(session: Session, run_id: str) -> ParentLink | None:
-        row = session.execute(
-            select(
-                workflow_runs.c.parent_run_id,
-                workflow_runs.c.parent_child_id,
-                workflow_runs.c.parent_close_policy,
-            ).where(workflow_runs.c.run_id == run_id)
-        ).first()
-        if row is None or row[0] is None:
+    def _parent_of(run: LockedRun) -> ParentLink | None:
+        if run.parent_run_id is None or run.parent_child_id is None:
             return None
-        return ParentLink(run_id=row[0], child_id=row[1], close_policy=ParentClosePolicy(row[2]))
+        assert run.parent_close_policy is not None, "a child run records its close policy"
+        return ParentLink(
+            run_id=run.parent_run_id,
+            child_id=run.parent_child_id,
+            close_policy=ParentClosePolicy(run.parent_close_policy),
+        )
 
     def _start_child(
         self, session: Session, run: LockedRun, command: ChildWorkflowScheduled
@@ -488,10 +556,16 @@ class Engine:
         return []
 
     def _close(
-        self, session: Session, run: LockedRun, command: HistoryEvent, now: datetime
+        self,
+        session: Session,
+        run: LockedRun,
+        command: HistoryEvent,
+        now: datetime,
+        *,
+        may_have_children: bool = True,
     ) -> None:
         status = RunStatus(CLOSING_EVENTS[command.TYPE])
-        metrics.run_closed(session, run.run_id, run.workflow_type, status.value, now)
+        metrics.run_closed(session, run.workflow_type, status.value, run.created_at, now)
         run.status = status
         run.changes.update(status=status.value, closed_at=now)
         if isinstance(command, WorkflowCompleted):
@@ -506,16 +580,13 @@ class Engine:
             ).to_json()
         delete_run_timers(session, run.run_id)
         # Activities not done yet will never be asked for: no attempt may start,
-        # and the outcome of one still running is dropped.
-        session.execute(
-            update(activity_tasks)
-            .where(
-                activity_tasks.c.run_id == run.run_id,
-                activity_tasks.c.status.in_(("SCHEDULED", "STARTED", "BACKOFF")),
-            )
-            .values(status="CANCELLED", deadline_at=None, closed_at=now)
-        )
-        outgoing = self._close_children(session, run)
+        # and the outcome of one still running is dropped. That includes one this
+        # transaction claimed to run eagerly (scheduled by the step that closes).
+        claim = session.info.get(EAGER_CLAIM)
+        if claim is not None and claim.info.run_id == run.run_id:
+            del session.info[EAGER_CLAIM]
+        session.execute(_CANCEL_OPEN_ACTIVITIES, {"b_run_id": run.run_id, "closed_at": now})
+        outgoing = self._close_children(session, run) if may_have_children else []
         if self.settings.lifecycle_events:
             failure = run.changes.get("failure")
             closed = WorkflowClosed(
@@ -528,7 +599,7 @@ class Engine:
             )
             outgoing.append(lifecycle_message(closed, suffix="closed"))
         if status is not RunStatus.CONTINUED_AS_NEW:
-            outgoing += self._notify_parent(session, run, status, run.changes)
+            outgoing += self._notify_parent(run, status, run.changes)
         if outgoing:
             self.outbox.add(session, outgoing)
         log.info(
@@ -561,9 +632,9 @@ class Engine:
         ]
 
     def _notify_parent(
-        self, session: Session, run: LockedRun, status: RunStatus, changes: dict[str, Any]
+        self, run: LockedRun, status: RunStatus, changes: dict[str, Any]
     ) -> list[OutboxMessage]:
-        parent = self._parent_of(session, run.run_id)
+        parent = self._parent_of(run)
         if parent is None:
             return []
         return [

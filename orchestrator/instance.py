@@ -140,6 +140,9 @@ class WorkflowInstance:
         self._pending: deque[HistoryEvent] = deque()
         self._activities: dict[str, asyncio.Future[Any]] = {}
         self._children: dict[str, asyncio.Future[Any]] = {}
+        # Whether the code ever started a child: a run that did not has none to
+        # cancel or terminate when it closes.
+        self.started_children = False
         self._timers: dict[str, _DurableTimer] = {}
         self._conditions: list[tuple[Callable[[], bool], asyncio.Future[bool]]] = []
         self._counters: dict[str, int] = {}
@@ -196,6 +199,7 @@ class WorkflowInstance:
         self._check_pending_limit()
         future = self.loop.create_future()
         self._children[command.child_id] = future
+        self.started_children = True
         self._pending.append(command)
         return future
 

@@ -193,7 +193,11 @@ def record_run_closed(workflow_type: str, status: str, duration_seconds: float) 
 
 
 def run_closed(
-    session: Session, run_id: str, workflow_type: str, status: str, closed_at: datetime
+    session: Session,
+    workflow_type: str,
+    status: str,
+    created_at: datetime | None,
+    closed_at: datetime,
 ) -> None:
     """A run closes in ``session``'s transaction: observe its duration once that commits.
 
@@ -201,13 +205,6 @@ def run_closed(
     or :func:`discard` (the transaction, or the savepoint the close was made in,
     rolled back), so a close that is rolled back and done again counts once.
     """
-    try:
-        created_at = session.execute(
-            select(workflow_runs.c.created_at).where(workflow_runs.c.run_id == run_id)
-        ).scalar_one_or_none()
-    except Exception:  # pragma: no cover - the transaction's own error will surface
-        log.debug("could not read the start of run %s", run_id, exc_info=True)
-        return
     if created_at is None:
         return
     duration = (as_utc(closed_at) - as_utc(created_at)).total_seconds()

@@ -54,6 +54,9 @@ class Registry:
     def has_workflow(self, name: str) -> bool:
         return name in self._workflows
 
+    def has_activity(self, name: str) -> bool:
+        return name in self._activities
+
     def activity(self, name: str) -> ActivityDefinition:
         try:
             return self._activities[name]

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ClauseElement
 
 from orchestrator.db import as_utc
 from orchestrator.history import HistoryEvent, RecordedEvent, load_event
@@ -35,6 +36,11 @@ class LockedRun:
     processed_seq: int
     cancel_requested: bool
     paused: bool = False
+    created_at: datetime | None = None
+    parent_run_id: str | None = None
+    parent_child_id: str | None = None
+    parent_close_policy: str | None = None
+    has_task_failure: bool = False
     changes: dict[str, Any] = field(default_factory=dict)
     appended: list[tuple[int, HistoryEvent]] = field(default_factory=list)
 
@@ -48,28 +54,32 @@ class LockedRun:
         return self.history_length
 
 
-def lock_run(session: Session, run_id: str, *, skip_locked: bool = False) -> LockedRun | None:
-    """Lock and load a run, or None if it does not exist (or is busy, with skip_locked)."""
-    row = (
-        session.execute(
-            select(
-                workflow_runs.c.run_id,
-                workflow_runs.c.workflow_id,
-                workflow_runs.c.workflow_type,
-                workflow_runs.c.status,
-                workflow_runs.c.history_length,
-                workflow_runs.c.processed_seq,
-                workflow_runs.c.cancel_requested,
-                workflow_runs.c.paused,
-            )
-            .where(workflow_runs.c.run_id == run_id)
-            .with_for_update(skip_locked=skip_locked)
-        )
-        .mappings()
-        .first()
-    )
-    if row is None:
-        return None
+# Statements of the hot path, built once: building a statement costs about as
+# much as running it. Parameters are bound by name at each execution.
+_RUN_COLUMNS = (
+    workflow_runs.c.run_id,
+    workflow_runs.c.workflow_id,
+    workflow_runs.c.workflow_type,
+    workflow_runs.c.status,
+    workflow_runs.c.history_length,
+    workflow_runs.c.processed_seq,
+    workflow_runs.c.cancel_requested,
+    workflow_runs.c.paused,
+    workflow_runs.c.created_at,
+    workflow_runs.c.parent_run_id,
+    workflow_runs.c.parent_child_id,
+    workflow_runs.c.parent_close_policy,
+    workflow_runs.c.task_failure.is_not(None).label("has_task_failure"),
+)
+_SELECT_RUN = select(*_RUN_COLUMNS).where(workflow_runs.c.run_id == bindparam("b_run_id"))
+_LOCK_RUN = _SELECT_RUN.with_for_update()
+_LOCK_RUN_SKIP_LOCKED = _SELECT_RUN.with_for_update(skip_locked=True)
+_INSERT_EVENTS = insert(workflow_events)
+# The SET clause comes from the parameters' names.
+_UPDATE_RUN = update(workflow_runs).where(workflow_runs.c.run_id == bindparam("b_run_id"))
+
+
+def _locked_run_from(row: Any) -> LockedRun:
     return LockedRun(
         run_id=row["run_id"],
         workflow_id=row["workflow_id"],
@@ -79,14 +89,26 @@ def lock_run(session: Session, run_id: str, *, skip_locked: bool = False) -> Loc
         processed_seq=row["processed_seq"],
         cancel_requested=bool(row["cancel_requested"]),
         paused=bool(row["paused"]),
+        created_at=as_utc(row["created_at"]),
+        parent_run_id=row["parent_run_id"],
+        parent_child_id=row["parent_child_id"],
+        parent_close_policy=row["parent_close_policy"],
+        has_task_failure=bool(row["has_task_failure"]),
     )
+
+
+def lock_run(session: Session, run_id: str, *, skip_locked: bool = False) -> LockedRun | None:
+    """Lock and load a run, or None if it does not exist (or is busy, with skip_locked)."""
+    statement = _LOCK_RUN_SKIP_LOCKED if skip_locked else _LOCK_RUN
+    row = session.execute(statement, {"b_run_id": run_id}).mappings().first()
+    return None if row is None else _locked_run_from(row)
 
 
 def save_run(session: Session, run: LockedRun, now: datetime) -> None:
     """Write the appended events and the row's changes (still inside the lock)."""
     if run.appended:
         session.execute(
-            insert(workflow_events),
+            _INSERT_EVENTS,
             [
                 {
                     "run_id": run.run_id,
@@ -101,9 +123,12 @@ def save_run(session: Session, run: LockedRun, now: datetime) -> None:
     values = dict(run.changes)
     values["history_length"] = run.history_length
     values["updated_at"] = now
-    session.execute(
-        update(workflow_runs).where(workflow_runs.c.run_id == run.run_id).values(**values)
-    )
+    if any(isinstance(value, ClauseElement) for value in values.values()):
+        session.execute(
+            update(workflow_runs).where(workflow_runs.c.run_id == run.run_id).values(**values)
+        )
+    else:
+        session.execute(_UPDATE_RUN, {"b_run_id": run.run_id, **values})
     run.appended.clear()
     run.changes.clear()
 

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         description="Advance the workflow in the transaction that records a result, and run "
         "a new run's first step in its start's transaction.",
     )
+    eager_max_steps: int = Field(
+        default=100,
+        ge=0,
+        description="Activities a worker runs in a row, without the broker, when it decides "
+        "them on a queue it serves; 0 sends every activity through the broker.",
+    )
     instance_cache_size: int = Field(
         default=1000, ge=0, description="Workflow instances a worker keeps between tasks."
     )

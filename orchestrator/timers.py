@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import bindparam, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from orchestrator.activity_runner import ACTIVITY_RETRY
@@ -51,8 +51,11 @@ def cancel_timer(session: Session, run: LockedRun, timer_id: str) -> None:
     )
 
 
+_DELETE_RUN_TIMERS = delete(timers).where(timers.c.run_id == bindparam("b_run_id"))
+
+
 def delete_run_timers(session: Session, run_id: str) -> None:
-    session.execute(delete(timers).where(timers.c.run_id == run_id))
+    session.execute(_DELETE_RUN_TIMERS, {"b_run_id": run_id})
 
 
 class TimerService:

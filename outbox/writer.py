@@ -25,6 +25,7 @@ _log = logging.getLogger("outbox")
 # Each row binds about ten parameters; PostgreSQL caps a statement at 65535.
 _INSERT_CHUNK = 1000
 _UPDATE_CHUNK = 1000
+_INSERT = insert(outbox_messages)
 
 _T = TypeVar("_T")
 
@@ -161,7 +162,7 @@ class OutboxWriter:
             for message in batch
         ]
         for chunk in _chunks(rows, _INSERT_CHUNK):
-            session.execute(insert(outbox_messages).values(list(chunk)))
+            session.execute(_INSERT, list(chunk))
         if not self.publish_after_commit:
             return
         batch = [message for message in batch if message.kind not in self.relay_only_kinds]

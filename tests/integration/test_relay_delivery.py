@@ -28,7 +28,9 @@ STEPS = ("reserve_inventory", "charge_payment", "create_shipment", "send_confirm
 
 @pytest.fixture(scope="module")
 def worker(module_procs: harness.ProcessGroup) -> harness.Proc:
-    return module_procs.worker("worker", env=RELAY_ONLY)
+    # Every step through a message, which these tests deliver, drop or repeat:
+    # no activity runs eagerly, without one.
+    return module_procs.worker("worker", env={**RELAY_ONLY, "ORCHESTRATOR_EAGER_MAX_STEPS": "0"})
 
 
 def outbox_row(db: Engine, message_id: str) -> dict[str, object]:

@@ -256,12 +256,13 @@ def test_a_run_duration_counts_only_once_its_transaction_commits(
     handle.result(timeout=10)
     workflow_type = f"Tx{uuid.uuid4().hex[:8]}"
     count = "orchestrator_workflow_run_duration_seconds_count"
+    started = handle.describe().created_at
     with orchestrator.engine.sessions() as session:
-        metrics.run_closed(session, handle.run_id, workflow_type, "COMPLETED", utcnow())
+        metrics.run_closed(session, workflow_type, "COMPLETED", started, utcnow())
         metrics.discard(session)  # rolled back: nothing to record
         metrics.flush(session)
         assert value(durations(orchestrator), count, workflow_type=workflow_type) is None
-        metrics.run_closed(session, handle.run_id, workflow_type, "COMPLETED", utcnow())
+        metrics.run_closed(session, workflow_type, "COMPLETED", started, utcnow())
         assert value(durations(orchestrator), count, workflow_type=workflow_type) is None
         metrics.flush(session)
     found = value(durations(orchestrator), count, workflow_type=workflow_type, status="COMPLETED")
