@@ -79,13 +79,22 @@ _CLAIM_ACTIVITY = (
     .with_for_update(of=activity_tasks)
 )
 
-# Recording an outcome reads the attempt after the run's lock is taken, in a
-# statement of its own: a statement that locked the run and read the attempt at
-# once could, after waiting for the lock, see the attempt as it was before the
-# transaction it waited for (which may have timed it out or cancelled it).
-_ATTEMPT_STATE = select(
-    activity_tasks.c.attempt, activity_tasks.c.status, activity_tasks.c.activity_type
-).where(*_ONE_ACTIVITY)
+# Recording an outcome reads or updates the attempt after the run's lock is
+# taken, in a statement of its own: a statement that locked the run and read the
+# attempt at once could, after waiting for the lock, see the attempt as it was
+# before the transaction it waited for (which may have timed it out or cancelled
+# it). A success closes the attempt only if it is still the current one and
+# running; the row it returns is the proof, and no row means a stale outcome.
+_COMPLETE_ATTEMPT = (
+    update(activity_tasks)
+    .where(
+        *_ONE_ACTIVITY,
+        activity_tasks.c.attempt == bindparam("b_attempt"),
+        activity_tasks.c.status == "STARTED",
+    )
+    .values(status="COMPLETED", closed_at=bindparam("b_now"), deadline_at=None)
+    .returning(activity_tasks.c.activity_type)
+)
 
 
 class EagerObserver(Protocol):
@@ -399,56 +408,38 @@ class ActivityRunner:
         with engine.sessions() as session:
             session.info[EAGER_ALLOWED] = eager_allowed
             run = lock_run(session, run_id)
-            row = (
-                session.execute(_ATTEMPT_STATE, {"b_run_id": run_id, "b_activity_id": activity_id})
-                .mappings()
-                .first()
-            )
-            if (
-                run is None
-                or row is None
-                or row["attempt"] != attempt
-                or row["status"] != "STARTED"
-            ):
-                log.info(
-                    "activity outcome arrived for an attempt that is no longer current",
-                    extra={"run_id": run_id, "activity_id": activity_id, "attempt": attempt},
-                )
-                return None
             now = engine.clock()
-            if outcome.failure is None and not run.is_open:
-                # The run closed while this ran (terminated, say): keep the record,
-                # append nothing after its closing event.
-                set_activity(
-                    session,
-                    run_id,
-                    activity_id,
-                    status="COMPLETED",
-                    closed_at=now,
-                    deadline_at=None,
-                )
-                appended = False
-            elif outcome.failure is None:
-                set_activity(
-                    session,
-                    run_id,
-                    activity_id,
-                    status="COMPLETED",
-                    closed_at=now,
-                    deadline_at=None,
-                )
-                run.append(
-                    ActivityCompleted(
-                        activity_id=activity_id,
-                        activity_type=row["activity_type"],
-                        attempt=attempt,
-                        result=outcome.result,
+            if run is None:
+                return self._stale(run_id, activity_id, attempt)
+            if outcome.failure is None:
+                activity_type = session.execute(
+                    _COMPLETE_ATTEMPT,
+                    {
+                        "b_run_id": run_id,
+                        "b_activity_id": activity_id,
+                        "b_attempt": attempt,
+                        "b_now": now,
+                    },
+                ).scalar()
+                if activity_type is None:
+                    return self._stale(run_id, activity_id, attempt)
+                # A run that closed while this ran (terminated, say) keeps the
+                # record but gets nothing after its closing event.
+                appended = run.is_open
+                if appended:
+                    run.append(
+                        ActivityCompleted(
+                            activity_id=activity_id,
+                            activity_type=activity_type,
+                            attempt=attempt,
+                            result=outcome.result,
+                        )
                     )
-                )
-                appended = True
             else:
-                full_row = activity_row(session, run_id, activity_id)
-                appended = self.attempt_failed(session, run, full_row, outcome.failure, now)
+                row = activity_row(session, run_id, activity_id)
+                if row is None or row["attempt"] != attempt or row["status"] != "STARTED":
+                    return self._stale(run_id, activity_id, attempt)
+                appended = self.attempt_failed(session, run, row, outcome.failure, now)
             if appended:
                 engine.after_result(session, run, now)  # saves the run
             else:
@@ -456,6 +447,13 @@ class ActivityRunner:
             engine.commit(session)
             claim: ClaimedAttempt | None = session.info.pop(EAGER_CLAIM, None)
             return claim
+
+    @staticmethod
+    def _stale(run_id: str, activity_id: str, attempt: int) -> None:
+        log.info(
+            "activity outcome arrived for an attempt that is no longer current",
+            extra={"run_id": run_id, "activity_id": activity_id, "attempt": attempt},
+        )
 
     def attempt_failed(
         self, session: Session, run: LockedRun, row: Any, failure: Failure, now: datetime

@@ -228,30 +228,6 @@ class Engine:
         """
         now = self.clock()
         run_id = str(uuid.uuid4())
-        dialect = session.get_bind().dialect.name
-        inserted = session.execute(
-            _INSERT_RUN_UNLESS_OPEN.get(dialect, _INSERT_RUN),
-            {
-                "run_id": run_id,
-                "workflow_id": workflow_id,
-                "workflow_type": workflow_type,
-                "status": RunStatus.RUNNING.value,
-                "input": payload,
-                "history_length": 0,
-                "processed_seq": 0,
-                "cancel_requested": False,
-                "paused": False,
-                "task_failures": 0,
-                "parent_run_id": parent.run_id if parent else None,
-                "parent_child_id": parent.child_id if parent else None,
-                "parent_close_policy": parent.close_policy.value if parent else None,
-                "parent_notified": False,
-                "created_at": now,
-                "updated_at": now,
-            },
-        )
-        if inserted.first() is None:  # the insert did nothing: an open run holds the id
-            return None
         run = LockedRun(
             run_id=run_id,
             workflow_id=workflow_id,
@@ -275,8 +251,32 @@ class Engine:
         )
         for signal in signals or ():
             run.append(signal)
+        # Decided before anything is written, so that the row goes in with the
+        # history length and progress the first step leaves (no update after).
+        decided = self._first_decision(session, run, now)
+        length = run.history_length + (len(decided[1]) if decided else 0)
+        processed = length if decided else 0
+        try:
+            inserted = self._insert_run_row(
+                session, run, payload, length=length, processed=processed, now=now
+            )
+        except BaseException:
+            if decided:
+                decided[0].close()
+            raise
+        if not inserted:  # an open run holds the workflow id
+            if decided:
+                decided[0].close()
+            return None
+        run.stored = {"history_length": length, "processed_seq": processed, "updated_at": now}
         outgoing: list[OutboxMessage] = []
-        if not self._first_decision(session, run, now):
+        if decided:
+            instance, commands = decided
+            self._record(session, run, instance, commands, now, outgoing=outgoing)
+            # The next step runs in a worker; the starting process keeps no instance.
+            session.info["instances"].remove(instance)
+            instance.close()
+        else:
             save_run(session, run, now)
             outgoing.append(
                 messages.workflow_task(run_id, workflow_id, self.settings.workflow_queue)
@@ -289,25 +289,57 @@ class Engine:
         self.outbox.add(session, outgoing)
         return run_id
 
-    def _first_decision(self, session: Session, run: LockedRun, now: datetime) -> bool:
-        """On the fast path, run a new run's first step in the transaction that starts it.
+    @staticmethod
+    def _insert_run_row(
+        session: Session,
+        run: LockedRun,
+        payload: Any,
+        *,
+        length: int,
+        processed: int,
+        now: datetime,
+    ) -> bool:
+        """Insert the row; False, with nothing written, if an open run holds the id."""
+        dialect = session.get_bind().dialect.name
+        inserted = session.execute(
+            _INSERT_RUN_UNLESS_OPEN.get(dialect, _INSERT_RUN),
+            {
+                "run_id": run.run_id,
+                "workflow_id": run.workflow_id,
+                "workflow_type": run.workflow_type,
+                "status": RunStatus.RUNNING.value,
+                "input": payload,
+                "history_length": length,
+                "processed_seq": processed,
+                "cancel_requested": False,
+                "paused": False,
+                "task_failures": 0,
+                "parent_run_id": run.parent_run_id,
+                "parent_child_id": run.parent_child_id,
+                "parent_close_policy": run.parent_close_policy,
+                "parent_notified": False,
+                "created_at": now,
+                "updated_at": now,
+            },
+        )
+        return inserted.first() is not None
+
+    def _first_decision(
+        self, session: Session, run: LockedRun, now: datetime
+    ) -> tuple[WorkflowInstance, list[HistoryEvent]] | None:
+        """On the fast path, decide a new run's first step in the transaction that starts it.
 
         It saves a workflow task (a message and a transaction) per run; a process
         without the workflow's code, or a decision that fails, leaves the first
-        step to a worker as usual. False if nothing was decided here.
+        step to a worker as usual. None if nothing was decided here.
         """
         if not (self.settings.fast_path and self.registry.has_workflow(run.workflow_type)):
-            return False
+            return None
         try:
-            instance, commands = self._decide(session, run, now)
+            return self._decide(session, run, now)
         except Exception as exc:
             log.warning("first step left to a worker: %s", exc, extra={"run_id": run.run_id})
-            return False
-        self._record(session, run, instance, commands, now)
-        # The next step runs in a worker; the starting process keeps no instance.
-        session.info["instances"].remove(instance)
-        instance.close()
-        return True
+            return None
 
     @staticmethod
     def _latest_run(session: Session, workflow_id: str) -> tuple[str, RunStatus] | None:
@@ -419,13 +451,19 @@ class Engine:
         instance: WorkflowInstance,
         commands: list[HistoryEvent],
         now: datetime,
+        *,
+        outgoing: list[OutboxMessage] | None = None,
     ) -> None:
-        """Append what the code decided and act on it; the instance is cached after commit."""
+        """Append what the code decided and act on it; the instance is cached after commit.
+
+        The messages to send go to the outbox, or into ``outgoing`` for a caller
+        that writes more of them in the same transaction (one insert for all).
+        """
         if run.history_length + len(commands) > self.settings.max_history_events:
             self._fail_on_history_limit(session, run, now)
             instance.close()
             return
-        outgoing: list[OutboxMessage] = []
+        sending: list[OutboxMessage] = [] if outgoing is None else outgoing
         follow_ups: list[HistoryEvent] = []
         for issued in commands:
             command = (
@@ -437,17 +475,17 @@ class Engine:
             if isinstance(command, ActivityScheduled):
                 message = self.activities.schedule(session, run, command, now)
                 if message is not None:
-                    outgoing.append(message)
+                    sending.append(message)
             elif isinstance(command, TimerStarted):
                 start_timer(session, run, command.timer_id, command.seconds, now)
             elif isinstance(command, TimerCancelled):
                 cancel_timer(session, run, command.timer_id)
             elif isinstance(command, EventEmitted):
-                outgoing.append(event_message(EventEnvelope.model_validate(command.envelope)))
+                sending.append(event_message(EventEnvelope.model_validate(command.envelope)))
             elif isinstance(command, ChildWorkflowScheduled):
                 follow_ups.extend(self._start_child(session, run, command))
             elif command.TYPE in CLOSING_EVENTS:
-                self._close(session, run, command, now, may_have_children=instance.started_children)
+                self._close(session, run, command, now, instance=instance)
         instance.recorded(len(commands))
         run.processed_seq = run.history_length
         run.changes["processed_seq"] = run.history_length
@@ -460,11 +498,11 @@ class Engine:
             run.append(event)
         save_run(session, run, now)
         if follow_ups:
-            outgoing.append(
+            sending.append(
                 messages.workflow_task(run.run_id, run.workflow_id, self.settings.workflow_queue)
             )
-        if outgoing:
-            self.outbox.add(session, outgoing)
+        if outgoing is None and sending:
+            self.outbox.add(session, sending)
         session.info.setdefault("instances", []).append(instance)
 
     def _fail_on_history_limit(self, session: Session, run: LockedRun, now: datetime) -> None:
@@ -562,8 +600,13 @@ class Engine:
         command: HistoryEvent,
         now: datetime,
         *,
-        may_have_children: bool = True,
+        instance: WorkflowInstance | None = None,
     ) -> None:
+        """Close the run and everything it left open.
+
+        ``instance``, the run's code up to this step, tells what the run may have
+        left open (timers, attempts, children); without it, all is looked for.
+        """
         status = RunStatus(CLOSING_EVENTS[command.TYPE])
         metrics.run_closed(session, run.workflow_type, status.value, run.created_at, now)
         run.status = status
@@ -578,14 +621,18 @@ class Engine:
             run.changes["failure"] = Failure(
                 type="Terminated", message=command.reason or "terminated"
             ).to_json()
-        delete_run_timers(session, run.run_id)
+        may_have_open_work = instance is None or instance.may_have_open_work
+        if may_have_open_work:
+            delete_run_timers(session, run.run_id)
         # Activities not done yet will never be asked for: no attempt may start,
         # and the outcome of one still running is dropped. That includes one this
         # transaction claimed to run eagerly (scheduled by the step that closes).
         claim = session.info.get(EAGER_CLAIM)
         if claim is not None and claim.info.run_id == run.run_id:
             del session.info[EAGER_CLAIM]
-        session.execute(_CANCEL_OPEN_ACTIVITIES, {"b_run_id": run.run_id, "closed_at": now})
+        if may_have_open_work:
+            session.execute(_CANCEL_OPEN_ACTIVITIES, {"b_run_id": run.run_id, "closed_at": now})
+        may_have_children = instance is None or instance.started_children
         outgoing = self._close_children(session, run) if may_have_children else []
         if self.settings.lifecycle_events:
             failure = run.changes.get("failure")

@@ -164,6 +164,16 @@ class WorkflowInstance:
             continue_as_new_suggested=self.applied_seq >= self.defaults.history_warn_events,
         )
 
+    @property
+    def may_have_open_work(self) -> bool:
+        """Whether an activity or a timer of this run may still be open in the store.
+
+        Every attempt, retry timer and workflow timer belongs to an activity or
+        timer the code is still waiting for; once all have resolved, the store
+        holds nothing open for the run.
+        """
+        return bool(self._activities or self._timers)
+
     def next_id(self, kind: str) -> str:
         """The next id of a kind of command; activities use bare numbers."""
         self._counters[kind] = self._counters.get(kind, 0) + 1

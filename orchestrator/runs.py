@@ -42,6 +42,9 @@ class LockedRun:
     parent_close_policy: str | None = None
     has_task_failure: bool = False
     changes: dict[str, Any] = field(default_factory=dict)
+    # Column values the row already holds (a row inserted in this transaction):
+    # a save that would only write these again writes nothing.
+    stored: dict[str, Any] = field(default_factory=dict)
     appended: list[tuple[int, HistoryEvent]] = field(default_factory=list)
 
     @property
@@ -127,10 +130,15 @@ def save_run(session: Session, run: LockedRun, now: datetime) -> None:
         session.execute(
             update(workflow_runs).where(workflow_runs.c.run_id == run.run_id).values(**values)
         )
-    else:
+    elif not _already_stored(run.stored, values):
         session.execute(_UPDATE_RUN, {"b_run_id": run.run_id, **values})
+    run.stored = {}
     run.appended.clear()
     run.changes.clear()
+
+
+def _already_stored(stored: dict[str, Any], values: dict[str, Any]) -> bool:
+    return bool(stored) and all(key in stored and stored[key] == v for key, v in values.items())
 
 
 def load_history(session: Session, run_id: str, *, after: int = 0) -> list[RecordedEvent]:
