@@ -209,6 +209,23 @@ class Leaky:
 
 
 @workflow.defn
+class LeavesWorkOpen:
+    """Returns while an activity of its own still runs and a timer still waits."""
+
+    @workflow.run
+    async def run(self) -> str:
+        loop = asyncio.get_running_loop()
+        self.left_open = [
+            loop.create_task(
+                workflow.execute_activity(step, Job(name="held", sleep_first_attempt=1))
+            ),
+            loop.create_task(asyncio.sleep(3600)),
+        ]
+        await workflow.execute_activity(step, Job(name="quick"))
+        return "done"
+
+
+@workflow.defn
 class Wide:
     """Many activities at once, to be terminated half-way."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from sample_workflows import (
     UsesAsyncioSleep,
     wait_for,
 )
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from orchestrator import RunClosedError, RunStatus, WorkflowFailedError
 from orchestrator.db import utcnow
@@ -230,6 +231,60 @@ def test_nothing_starts_after_the_workflow_closed(client: Any, make_orchestrator
     assert handle.result(timeout=10) == "done"
     assert [e.event.TYPE for e in handle.history()] == ["WorkflowStarted", "WorkflowCompleted"]
     assert "step" not in CALLS.names()
+
+
+def test_a_run_that_closes_with_work_open_cancels_it(make_orchestrator: Any) -> None:
+    from sample_workflows import LeavesWorkOpen
+
+    orchestrator = make_orchestrator([LeavesWorkOpen], ALL_ACTIVITIES)
+    handle = orchestrator.client().start_workflow(LeavesWorkOpen, workflow_id="open-work")
+    assert handle.result(timeout=10) == "done"
+    with orchestrator.engine.sessions() as session:
+        statuses = (
+            session.execute(
+                select(activity_tasks.c.status)
+                .where(activity_tasks.c.run_id == handle.run_id)
+                .order_by(activity_tasks.c.activity_id)
+            )
+            .scalars()
+            .all()
+        )
+        left = session.execute(
+            select(func.count()).select_from(timers).where(timers.c.run_id == handle.run_id)
+        ).scalar()
+    assert sorted(statuses) == ["CANCELLED", "COMPLETED"]
+    assert left == 0
+
+
+def test_a_start_writes_its_run_row_once_and_one_outbox_insert(make_orchestrator: Any) -> None:
+    orchestrator = make_orchestrator(ALL_WORKFLOWS, ALL_ACTIVITIES, lifecycle_events=True)
+    client = orchestrator.client()
+    here = threading.get_ident()
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if threading.get_ident() == here:  # not the embedded workers' statements
+            statements.append(" ".join(statement.split()[:3]))
+
+    event.listen(orchestrator.db, "before_cursor_execute", record)
+    try:
+        handle = client.start_workflow(Pipeline, [Job(name="a")], workflow_id="once")
+    finally:
+        event.remove(orchestrator.db, "before_cursor_execute", record)
+    assert handle.result(timeout=10) == ["a:done"]
+    # The embedded broker marks the message published after the commit, in a
+    # transaction of its own.
+    writes = [
+        s
+        for s in statements
+        if s.split()[0] in {"INSERT", "UPDATE", "DELETE"} and s != "UPDATE outbox_messages SET"
+    ]
+    assert sorted(writes) == [
+        "INSERT INTO activity_tasks",
+        "INSERT INTO outbox_messages",
+        "INSERT INTO workflow_events",
+        "INSERT INTO workflow_runs",
+    ]
 
 
 def test_terminate_stops_queued_activities_and_appends_nothing_after(client: Any) -> None:
