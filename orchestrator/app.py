@@ -215,6 +215,8 @@ class Orchestrator:
         """Stop embedded workers and release connections."""
         if self._embedded is not None:
             self._embedded.stop()
+        if self._engine is not None:
+            self._engine.cache.clear()
         if self._db is not None:
             self._db.dispose()
 

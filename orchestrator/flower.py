@@ -50,6 +50,7 @@ _MANAGEMENT_API = {
     "amqps": ("https", 15671),
 }
 _KWARGS_REPR_MAX = 1024
+_FLAT = (str, int, float, bool, type(None))
 
 
 def parse_basic_auth(value: str | None) -> list[str]:
@@ -178,7 +179,14 @@ def task_kwargsrepr(body: Mapping[str, Any], headers: Mapping[str, Any]) -> str 
     workflow_id = headers.get("workflow_id")
     if not workflow_id:
         return None
+    shown = {"workflow_id": workflow_id, **body}
+    if all(type(value) in _FLAT for value in shown.values()):
+        # Ids and numbers (every message the hot path sends): plain repr is the
+        # same text as Celery's saferepr at a fraction of its cost.
+        text = repr(shown)
+        if len(text) <= _KWARGS_REPR_MAX:
+            return text
     from celery.utils.saferepr import saferepr
 
-    text: str = saferepr({"workflow_id": workflow_id, **body}, _KWARGS_REPR_MAX)
-    return text
+    rendered: str = saferepr(shown, _KWARGS_REPR_MAX)
+    return rendered

@@ -78,6 +78,19 @@ _SELECT_RUN = select(*_RUN_COLUMNS).where(workflow_runs.c.run_id == bindparam("b
 _LOCK_RUN = _SELECT_RUN.with_for_update()
 _LOCK_RUN_SKIP_LOCKED = _SELECT_RUN.with_for_update(skip_locked=True)
 _INSERT_EVENTS = insert(workflow_events)
+_LOAD_HISTORY = (
+    select(
+        workflow_events.c.seq,
+        workflow_events.c.event_type,
+        workflow_events.c.attributes,
+        workflow_events.c.created_at,
+    )
+    .where(
+        workflow_events.c.run_id == bindparam("b_run_id"),
+        workflow_events.c.seq > bindparam("b_after"),
+    )
+    .order_by(workflow_events.c.seq)
+)
 # The SET clause comes from the parameters' names.
 _UPDATE_RUN = update(workflow_runs).where(workflow_runs.c.run_id == bindparam("b_run_id"))
 
@@ -142,16 +155,7 @@ def _already_stored(stored: dict[str, Any], values: dict[str, Any]) -> bool:
 
 
 def load_history(session: Session, run_id: str, *, after: int = 0) -> list[RecordedEvent]:
-    rows = session.execute(
-        select(
-            workflow_events.c.seq,
-            workflow_events.c.event_type,
-            workflow_events.c.attributes,
-            workflow_events.c.created_at,
-        )
-        .where(workflow_events.c.run_id == run_id, workflow_events.c.seq > after)
-        .order_by(workflow_events.c.seq)
-    ).all()
+    rows = session.execute(_LOAD_HISTORY, {"b_run_id": run_id, "b_after": after}).all()
     return [
         RecordedEvent(
             seq=seq,
@@ -192,6 +196,14 @@ class InstanceCache:
                 evicted.append(self._items.popitem(last=False)[1])
         for old in evicted:
             old.close()
+
+    def clear(self) -> None:
+        """Close every cached instance (their coroutines must not outlive the engine)."""
+        with self._lock:
+            items = list(self._items.values())
+            self._items.clear()
+        for instance in items:
+            instance.close()
 
     def __len__(self) -> int:
         return len(self._items)

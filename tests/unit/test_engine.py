@@ -299,3 +299,19 @@ def test_terminate_stops_queued_activities_and_appends_nothing_after(client: Any
     history = handle.history()
     assert history[-1].event.TYPE == "WorkflowTerminated"
     assert CALLS.names().count("slow") < 12
+
+
+def test_closing_the_orchestrator_closes_the_instances_it_cached(make_orchestrator: Any) -> None:
+    from sample_patterns import Listener
+
+    orchestrator = make_orchestrator([Listener], [])
+    handle = orchestrator.client().start_workflow(Listener, workflow_id="cached")
+    handle.signal("ping")
+    assert orchestrator.wait_idle(10)
+    cache = orchestrator.engine.cache
+    instance = cache.take(handle.run_id)
+    assert instance is not None and not instance.loop.is_closed()
+    cache.put(instance)
+    orchestrator.close()
+    assert len(cache) == 0
+    assert instance.loop.is_closed()

@@ -426,3 +426,8 @@ def test_task_events_show_the_workflow_id() -> None:
         shown == "{'workflow_id': 'order-1001', 'run_id': 'r-1', 'activity_id': '3', 'attempt': 1}"
     )
     assert task_kwargsrepr({"run_id": "r-1"}, {}) is None
+    # Nested or long values get Celery's bounded rendering.
+    nested = task_kwargsrepr({"input": {"items": list(range(5))}}, {"workflow_id": "w"})
+    assert nested == "{'workflow_id': 'w', 'input': {'items': [0, 1, 2, 3, 4]}}"
+    long = task_kwargsrepr({"note": "x" * 5000}, {"workflow_id": "w"})
+    assert long is not None and len(long) < 1100 and long.startswith("{'workflow_id': 'w'")
