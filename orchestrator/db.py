@@ -130,7 +130,7 @@ class CoreSession(Session):
     """A session that runs Core statements on its connection directly.
 
     The state store maps no classes, so the ORM's execute path (its events,
-    bind lookup and result set-up) does nothing here but costs about a third of
+    bind lookup and result set-up) does nothing here but costs about a quarter of
     a short statement's client time, on every statement of the hot path.
     """
 

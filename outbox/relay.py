@@ -289,9 +289,15 @@ class Relay:
     def _wait(self, listener: _Listener | None, stop: threading.Event) -> None:
         delay = self._until_next_eligible()
         if delay is not None:
+            timeout = min(delay + _WAKE_SLACK, self.poll_interval)
+            if listener is not None and self.relay_only_kinds:
+                # A notification may announce a relay-only row, which is
+                # eligible at once: sleeping out the grace period would hold it.
+                listener.wait(timeout, stop)
+                return
             # Notifications can only announce rows younger than the one waited
             # for, which become eligible later; waking for them would be wasted.
-            stop.wait(min(delay + _WAKE_SLACK, self.poll_interval))
+            stop.wait(timeout)
             if listener is not None:
                 listener.discard()
         elif listener is not None:

@@ -240,6 +240,27 @@ def test_notification_wakes_a_waiting_relay(engine: Engine, relay_engine: Engine
     assert [message.id for message in publisher.published] == [first.id, second.id]
 
 
+def test_a_relay_only_row_does_not_wait_for_the_grace_of_others(
+    engine: Engine, relay_engine: Engine
+) -> None:
+    publisher = RecordingPublisher()
+    grace = 30.0
+    relay = Relay(
+        relay_engine, publisher, grace=grace, poll_interval=60, relay_only_kinds={"event"}
+    )
+    with RelayThread(relay):
+        # A task row in its grace period (left to the post-commit publisher) is
+        # what the relay sleeps towards; it must still wake for an event row.
+        write(engine, [task(1)])
+        time.sleep(0.5)  # the relay has read the table and gone to wait
+        event = OutboxMessage(kind="event", destination="demo.happened", body={"n": 2})
+        started = time.monotonic()
+        write(engine, [event])
+        assert publisher.wait_for(1, timeout=grace / 2), "the event waited for the grace"
+        assert time.monotonic() - started < grace / 2
+    assert [message.id for message in publisher.published] == [event.id]
+
+
 def test_relay_survives_losing_its_connections(
     engine: Engine, relay_engine: Engine, admin: Engine
 ) -> None:
