@@ -32,7 +32,7 @@ from activities.execution import Outcome, execute
 from activities.failure import Failure
 from activities.retry import RetryPolicy
 from orchestrator import messages, metrics
-from orchestrator.db import as_utc, once_more_on_disconnect
+from orchestrator.db import as_utc, commit, once_more_on_disconnect, pipelined
 from orchestrator.history import ActivityCompleted, ActivityFailed, ActivityScheduled
 from orchestrator.runs import LockedRun, lock_run, save_run
 from orchestrator.schema import activity_tasks, timers, workflow_runs
@@ -300,7 +300,7 @@ class ActivityRunner:
     def _claim(self, run_id: str, activity_id: str, attempt: int) -> ClaimedAttempt | None:
         engine = self.engine
         now = engine.clock()
-        with engine.sessions.begin() as session:
+        with engine.sessions() as session, pipelined(session):
             row = (
                 session.execute(_CLAIM_ACTIVITY, {"b_run_id": run_id, "b_activity_id": activity_id})
                 .mappings()
@@ -326,6 +326,7 @@ class ActivityRunner:
             set_activity(
                 session, run_id, activity_id, status="STARTED", started_at=now, deadline_at=deadline
             )
+            commit(session)
         info = ActivityInfo(
             activity_id=activity_id,
             activity_type=row["activity_type"],
@@ -405,7 +406,7 @@ class ActivityRunner:
     ) -> ClaimedAttempt | None:
         """Record an attempt's outcome; the next attempt claimed here, if any."""
         engine = self.engine
-        with engine.sessions() as session:
+        with engine.sessions() as session, pipelined(session):
             session.info[EAGER_ALLOWED] = eager_allowed
             run = lock_run(session, run_id)
             now = engine.clock()

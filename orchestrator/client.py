@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from activities.errors import InvalidPayloadError, PayloadTooLargeError
 from activities.failure import Failure
 from activities.payload import from_payload, to_payload, validate_input
-from orchestrator.db import as_utc
+from orchestrator.db import as_utc, commit, pipelined
 from orchestrator.definition import WorkflowDefinition
 from orchestrator.errors import (
     InvalidWorkflowIdError,
@@ -110,7 +110,7 @@ class Client:
                 id_conflict_policy=id_conflict_policy,
             )
         else:
-            with engine.sessions() as own:
+            with engine.sessions() as own, pipelined(own):
                 started = engine.start(
                     own,
                     defn.name,
@@ -119,7 +119,7 @@ class Client:
                     id_reuse_policy=id_reuse_policy,
                     id_conflict_policy=id_conflict_policy,
                 )
-                own.commit()
+                commit(own)
         return WorkflowHandle(self, workflow_id, started.run_id)
 
     def _input_payload(self, defn: WorkflowDefinition, input: Any) -> Any:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
@@ -63,6 +64,7 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     engine = create_engine(url, pool_size=5, max_overflow=10, **kwargs)
     _ping_idle_connections(engine)
+    _read_results_in_pipeline(engine)
     # A forked worker child must not share the parent's sockets.
     os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
     return engine
@@ -152,6 +154,112 @@ class CoreSession(Session):
                 **kwargs,
             )
         return self.connection().execute(statement, params)
+
+
+_PIPELINE = "orchestrator.pipeline"
+
+
+@contextlib.contextmanager
+def pipelined(session: Session) -> Iterator[None]:
+    """Send the transaction's writes without a round trip each (PostgreSQL).
+
+    In psycopg's pipeline mode a statement whose result nothing reads (an
+    insert, an update) goes out without waiting for the server; one whose rows
+    are read waits as usual, after everything before it. With :func:`commit`,
+    a transition's writes and its COMMIT share one round trip instead of one
+    each. Elsewhere (SQLite) this does nothing.
+    """
+    driver = session.connection().connection.driver_connection
+    start_pipeline = getattr(driver, "pipeline", None)
+    if start_pipeline is None:
+        yield
+        return
+    pipeline = start_pipeline()  # a context manager around psycopg's Pipeline
+    with _translated_errors(session):
+        connection_info = session.connection().info
+        connection_info[_PIPELINE] = pipeline.__enter__()
+    session.info[_PIPELINE] = (driver, pipeline)
+    try:
+        yield
+    except BaseException as exc:
+        if session.info.pop(_PIPELINE, None) is not None:
+            # Leaves pipeline mode; the block's exception is the one that counts.
+            pipeline.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    else:
+        if session.info.pop(_PIPELINE, None) is not None:  # ended without a commit
+            with _translated_errors(session):
+                pipeline.__exit__(None, None, None)
+    finally:
+        # The pool keeps this dict with the connection, for its next user.
+        connection_info.pop(_PIPELINE, None)
+
+
+def _read_results_in_pipeline(engine: Engine) -> None:
+    """In pipeline mode, wait for the result of a statement whose rows are read.
+
+    SQLAlchemy looks for a statement's rows as soon as it is sent; in pipeline
+    mode they have not arrived yet, so it would see none. Syncing here, before
+    it looks, makes a read behave as it does outside a pipeline (and raises its
+    errors, or those of the writes before it, through SQLAlchemy as usual).
+    """
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _sync(
+        connection: Any,
+        _cursor: Any,
+        _statement: str,
+        _parameters: Any,
+        context: Any,
+        _executemany: bool,
+    ) -> None:
+        pipeline = connection.info.get(_PIPELINE)
+        if pipeline is None:
+            return
+        if context.is_crud and not context.compiled.effective_returning:
+            return  # nothing to read: stays in the pipeline
+        pipeline.sync()
+
+
+def commit(session: Session) -> None:
+    """Commit; inside :func:`pipelined`, the COMMIT joins the pending writes.
+
+    The pipeline ends before SQLAlchemy's own commit, which then finds nothing
+    left to commit, runs its hooks and returns the connection to the pool (a
+    pooled connection must never be left in pipeline mode).
+    """
+    entry = session.info.pop(_PIPELINE, None)
+    if entry is not None:
+        driver, pipeline = entry
+        with _translated_errors(session):
+            try:
+                driver.commit()
+            except BaseException as exc:
+                pipeline.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            pipeline.__exit__(None, None, None)
+    session.commit()
+
+
+@contextlib.contextmanager
+def _translated_errors(session: Session) -> Iterator[None]:
+    """Raise the driver's errors met outside SQLAlchemy as SQLAlchemy's, as it would.
+
+    A lost connection is invalidated, so that :func:`once_more_on_disconnect`
+    and the pool treat it exactly like one lost during a statement.
+    """
+    dialect = session.get_bind().dialect
+    dbapi_error = dialect.loaded_dbapi.Error
+    try:
+        yield
+    except dbapi_error as exc:
+        connection = session.connection()
+        lost = dialect.is_disconnect(exc, connection.connection.driver_connection, None)
+        if lost:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(
+            None, None, exc, dbapi_error, connection_invalidated=lost, dialect=dialect
+        ) from exc
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -33,7 +33,7 @@ from orchestrator.activity_runner import (
     ClaimedAttempt,
     EagerObserver,
 )
-from orchestrator.db import once_more_on_disconnect, session_factory, utcnow
+from orchestrator.db import commit, once_more_on_disconnect, session_factory, utcnow
 from orchestrator.dead_letters import DeadLetters
 from orchestrator.errors import (
     HistoryLimitError,
@@ -744,7 +744,7 @@ class Engine:
     def commit(self, session: Session) -> None:
         """Commit and hand the instances this transaction advanced back to the cache."""
         instances = session.info.pop("instances", [])
-        session.commit()
+        commit(session)
         metrics.flush(session)
         for instance in instances:
             self.cache.put(instance)

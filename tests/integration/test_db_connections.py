@@ -7,9 +7,17 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from orchestrator import db as orchestrator_db
-from orchestrator.db import create_db_engine, once_more_on_disconnect
+from orchestrator.db import (
+    commit,
+    create_db_engine,
+    once_more_on_disconnect,
+    pipelined,
+    session_factory,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,3 +101,82 @@ def test_without_the_retry_the_lost_connection_fails_the_transaction(
     drop_connections(db)
     with pytest.raises(Exception, match=r"terminat|closed|connection"):
         backend_pid(pooled)
+
+
+# ----------------------------------------------------------------- pipelined writes
+@pytest.fixture
+def scratch(pooled: Engine) -> Any:
+    """A table of the test's own, on the pooled engine."""
+    with pooled.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS it_pipelined"))
+        conn.execute(text("CREATE TABLE it_pipelined (id int PRIMARY KEY, note text)"))
+    yield
+    with pooled.begin() as conn:
+        conn.execute(text("DROP TABLE it_pipelined"))
+
+
+def notes(engine: Engine) -> list[tuple[int, str]]:
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(text("SELECT * FROM it_pipelined ORDER BY id"))]
+
+
+def in_pipeline_mode(session: Session) -> bool:
+    driver = session.connection().connection.driver_connection
+    return bool(driver.pgconn.pipeline_status)
+
+
+INSERT = text("INSERT INTO it_pipelined VALUES (:id, :note)")
+
+
+def test_pipelined_writes_commit_together_and_reads_see_them(pooled: Engine, scratch: Any) -> None:
+    sessions = session_factory(pooled)
+    with sessions() as session, pipelined(session):
+        assert in_pipeline_mode(session)
+        session.execute(INSERT, {"id": 1, "note": "a"})
+        session.execute(INSERT, {"id": 2, "note": "b"})
+        # A read waits for the writes queued before it, and sees them.
+        count = session.execute(text("SELECT count(*) FROM it_pipelined")).scalar_one()
+        assert count == 2
+        session.execute(text("UPDATE it_pipelined SET note = 'c' WHERE id = 2"))
+        commit(session)
+    assert notes(pooled) == [(1, "a"), (2, "c")]
+    # The pooled connection went back out of pipeline mode.
+    with sessions() as session:
+        assert not in_pipeline_mode(session)
+        assert session.execute(text("SELECT count(*) FROM it_pipelined")).scalar_one() == 2
+
+
+def test_a_failing_pipelined_write_fails_the_commit_and_writes_nothing(
+    pooled: Engine, scratch: Any
+) -> None:
+    sessions = session_factory(pooled)
+    with pytest.raises(IntegrityError), sessions() as session, pipelined(session):
+        session.execute(INSERT, {"id": 1, "note": "a"})
+        session.execute(INSERT, {"id": 1, "note": "twice"})  # queued: fails at the commit
+        commit(session)
+    assert notes(pooled) == []
+    with sessions() as session:
+        assert not in_pipeline_mode(session)
+        session.execute(INSERT, {"id": 3, "note": "after"})
+        session.commit()
+    assert notes(pooled) == [(3, "after")]
+
+
+def test_a_connection_lost_in_a_pipeline_is_retried_like_any_other(
+    pooled: Engine, db: Engine, scratch: Any
+) -> None:
+    sessions = session_factory(pooled)
+    attempts: list[int] = []
+
+    @once_more_on_disconnect
+    def transaction() -> None:
+        attempts.append(1)
+        with sessions() as session, pipelined(session):
+            session.execute(INSERT, {"id": 10 + len(attempts), "note": "x"})
+            if len(attempts) == 1:
+                drop_connections(db)  # the database restarts before the commit
+            commit(session)
+
+    transaction()
+    assert len(attempts) == 2
+    assert notes(pooled) == [(12, "x")]
