@@ -167,32 +167,58 @@ def pipelined(session: Session) -> Iterator[None]:
     insert, an update) goes out without waiting for the server; one whose rows
     are read waits as usual, after everything before it. With :func:`commit`,
     a transition's writes and its COMMIT share one round trip instead of one
-    each. Elsewhere (SQLite) this does nothing.
+    each. Elsewhere (SQLite, a libpq without pipeline mode) this does nothing.
     """
-    driver = session.connection().connection.driver_connection
+    connection = session.connection()
+    driver = connection.connection.driver_connection
     start_pipeline = getattr(driver, "pipeline", None)
-    if start_pipeline is None:
+    if start_pipeline is None or not _pipeline_supported():
         yield
         return
-    pipeline = start_pipeline()  # a context manager around psycopg's Pipeline
+    manager = start_pipeline()  # a context manager around psycopg's Pipeline
     with _translated_errors(session):
-        connection_info = session.connection().info
-        connection_info[_PIPELINE] = pipeline.__enter__()
-    session.info[_PIPELINE] = (driver, pipeline)
+        pipeline = manager.__enter__()
+    connection_info = connection.info
+    connection_info[_PIPELINE] = pipeline
+    session.info[_PIPELINE] = _Open(driver, manager, pipeline, connection_info)
     try:
         yield
     except BaseException as exc:
-        if session.info.pop(_PIPELINE, None) is not None:
+        entry = session.info.pop(_PIPELINE, None)
+        if entry is not None:
+            entry.forget()
             # Leaves pipeline mode; the block's exception is the one that counts.
-            pipeline.__exit__(type(exc), exc, exc.__traceback__)
+            manager.__exit__(type(exc), exc, exc.__traceback__)
         raise
     else:
-        if session.info.pop(_PIPELINE, None) is not None:  # ended without a commit
+        entry = session.info.pop(_PIPELINE, None)
+        if entry is not None:  # ended without a commit
+            entry.forget()
             with _translated_errors(session):
-                pipeline.__exit__(None, None, None)
-    finally:
-        # The pool keeps this dict with the connection, for its next user.
-        connection_info.pop(_PIPELINE, None)
+                manager.__exit__(None, None, None)
+
+
+class _Open:
+    """A pipeline that :func:`pipelined` opened on a session's connection."""
+
+    def __init__(self, driver: Any, manager: Any, pipeline: Any, info: dict[str, Any]) -> None:
+        self.driver = driver
+        self.manager = manager
+        self.pipeline = pipeline
+        self.info = info
+
+    def forget(self) -> None:
+        # Before the connection can go back to the pool: its next user must not
+        # find this pipeline in the connection's info (the pool keeps that dict).
+        if self.info.get(_PIPELINE) is self.pipeline:
+            del self.info[_PIPELINE]
+
+
+@functools.cache
+def _pipeline_supported() -> bool:
+    from psycopg import Pipeline
+
+    return bool(Pipeline.is_supported())
 
 
 def _read_results_in_pipeline(engine: Engine) -> None:
@@ -207,14 +233,14 @@ def _read_results_in_pipeline(engine: Engine) -> None:
     @event.listens_for(engine, "after_cursor_execute")
     def _sync(
         connection: Any,
-        _cursor: Any,
+        cursor: Any,
         _statement: str,
         _parameters: Any,
         context: Any,
         _executemany: bool,
     ) -> None:
         pipeline = connection.info.get(_PIPELINE)
-        if pipeline is None:
+        if pipeline is None or not cursor.connection.pgconn.pipeline_status:
             return
         if context.is_crud and not context.compiled.effective_returning:
             return  # nothing to read: stays in the pipeline
@@ -224,20 +250,22 @@ def _read_results_in_pipeline(engine: Engine) -> None:
 def commit(session: Session) -> None:
     """Commit; inside :func:`pipelined`, the COMMIT joins the pending writes.
 
-    The pipeline ends before SQLAlchemy's own commit, which then finds nothing
-    left to commit, runs its hooks and returns the connection to the pool (a
-    pooled connection must never be left in pipeline mode).
+    The COMMIT is queued behind the writes and leaving pipeline mode sends them
+    all with one sync (an error of any of them is raised here). Then
+    SQLAlchemy's own commit finds nothing left to commit, runs its hooks (the
+    outbox publishes) and returns the connection to the pool, never in
+    pipeline mode.
     """
     entry = session.info.pop(_PIPELINE, None)
     if entry is not None:
-        driver, pipeline = entry
+        entry.forget()
         with _translated_errors(session):
             try:
-                driver.commit()
+                entry.driver.execute("COMMIT")
             except BaseException as exc:
-                pipeline.__exit__(type(exc), exc, exc.__traceback__)
+                entry.manager.__exit__(type(exc), exc, exc.__traceback__)
                 raise
-            pipeline.__exit__(None, None, None)
+            entry.manager.__exit__(None, None, None)
     session.commit()
 
 
@@ -245,10 +273,13 @@ def commit(session: Session) -> None:
 def _translated_errors(session: Session) -> Iterator[None]:
     """Raise the driver's errors met outside SQLAlchemy as SQLAlchemy's, as it would.
 
-    A lost connection is invalidated, so that :func:`once_more_on_disconnect`
-    and the pool treat it exactly like one lost during a statement.
+    A lost connection is invalidated and the pool replaced, as SQLAlchemy does
+    when a statement finds the database gone, so that
+    :func:`once_more_on_disconnect` runs the transaction again on a fresh
+    connection rather than on another dead pooled one.
     """
-    dialect = session.get_bind().dialect
+    bind = session.get_bind()
+    dialect = bind.dialect
     dbapi_error = dialect.loaded_dbapi.Error
     try:
         yield
@@ -257,6 +288,8 @@ def _translated_errors(session: Session) -> Iterator[None]:
         lost = dialect.is_disconnect(exc, connection.connection.driver_connection, None)
         if lost:
             connection.invalidate(exc)
+            if isinstance(bind, Engine):
+                bind.dispose(close=False)
         raise DBAPIError.instance(
             None, None, exc, dbapi_error, connection_invalidated=lost, dialect=dialect
         ) from exc

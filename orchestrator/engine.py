@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Engine as DbEngine
 from sqlalchemy import bindparam, insert, null, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from activities.failure import Failure
@@ -189,7 +190,16 @@ class Engine:
                     )
                     if decided is not None:
                         return decided
-            run_id = self._insert_run(session, workflow_type, workflow_id, payload, parent)
+            run_id = self._insert_run(
+                session,
+                workflow_type,
+                workflow_id,
+                payload,
+                parent,
+                # Where an open run is the expected case (signal-with-start), its
+                # code must not run for a run that is not created.
+                decide_first=id_conflict_policy is not IdConflictPolicy.USE_EXISTING,
+            )
             if run_id is not None:
                 log.info(
                     "workflow started",
@@ -219,12 +229,15 @@ class Engine:
         parent: ParentLink | None,
         *,
         signals: list[SignalReceived] | None = None,
+        decide_first: bool = True,
     ) -> str | None:
         """Insert a run row, its first events and the message asking for its first task.
 
         ``signals`` follow the WorkflowStarted event: those a run that continued as
         new received too late to handle. None, and nothing written, if an open
-        run holds the workflow id.
+        run holds the workflow id. With ``decide_first``, the first step is
+        decided before the row is written, so that the row goes in as that step
+        leaves it; otherwise only once the row is in (one update more).
         """
         now = self.clock()
         run_id = str(uuid.uuid4())
@@ -251,9 +264,7 @@ class Engine:
         )
         for signal in signals or ():
             run.append(signal)
-        # Decided before anything is written, so that the row goes in with the
-        # history length and progress the first step leaves (no update after).
-        decided = self._first_decision(session, run, now)
+        decided = self._first_decision(session, run, now) if decide_first else None
         length = run.history_length + (len(decided[1]) if decided else 0)
         processed = length if decided else 0
         try:
@@ -269,13 +280,18 @@ class Engine:
                 decided[0].close()
             return None
         run.stored = {"history_length": length, "processed_seq": processed, "updated_at": now}
+        if not decide_first:
+            decided = self._first_decision(session, run, now)
         outgoing: list[OutboxMessage] = []
         if decided:
             instance, commands = decided
             self._record(session, run, instance, commands, now, outgoing=outgoing)
-            # The next step runs in a worker; the starting process keeps no instance.
-            session.info["instances"].remove(instance)
-            instance.close()
+            # The next step runs in a worker; the starting process keeps no instance
+            # (one that hit the history limit was closed and never registered).
+            registered = session.info.get("instances", [])
+            if instance in registered:
+                registered.remove(instance)
+                instance.close()
         else:
             save_run(session, run, now)
             outgoing.append(
@@ -337,6 +353,8 @@ class Engine:
             return None
         try:
             return self._decide(session, run, now)
+        except DBAPIError:
+            raise
         except Exception as exc:
             log.warning("first step left to a worker: %s", exc, extra={"run_id": run.run_id})
             return None
@@ -710,6 +728,10 @@ class Engine:
         if self.settings.fast_path and self.registry.has_workflow(run.workflow_type):
             try:
                 instance, commands = self._decide(session, run, now)
+            except DBAPIError:
+                # The database's error (perhaps a queued write's, surfacing at the
+                # history read): the transaction is lost, not the decision.
+                raise
             except Exception as exc:
                 log.warning(
                     "fast path failed, falling back to a workflow task: %s",

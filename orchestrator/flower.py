@@ -181,8 +181,8 @@ def task_kwargsrepr(body: Mapping[str, Any], headers: Mapping[str, Any]) -> str 
         return None
     shown = {"workflow_id": workflow_id, **body}
     if all(type(value) in _FLAT for value in shown.values()):
-        # Ids and numbers (every message the hot path sends): plain repr is the
-        # same text as Celery's saferepr at a fraction of its cost.
+        # Ids and numbers (every message the hot path sends): plain repr reads
+        # the same as Celery's saferepr there, at a fraction of its cost.
         text = repr(shown)
         if len(text) <= _KWARGS_REPR_MAX:
             return text

@@ -138,7 +138,11 @@ def test_pipelined_writes_commit_together_and_reads_see_them(pooled: Engine, scr
         count = session.execute(text("SELECT count(*) FROM it_pipelined")).scalar_one()
         assert count == 2
         session.execute(text("UPDATE it_pipelined SET note = 'c' WHERE id = 2"))
+        kept_with_connection = session.connection().info
         commit(session)
+        # Back in the pool already: the next user of the connection, maybe in
+        # another thread, must not find this transaction's pipeline on it.
+        assert not any(key.startswith("orchestrator.") for key in kept_with_connection)
     assert notes(pooled) == [(1, "a"), (2, "c")]
     # The pooled connection went back out of pipeline mode.
     with sessions() as session:

@@ -109,6 +109,32 @@ def test_signal_with_start_starts_once_and_delivers(env: Any) -> None:
     assert first.result(timeout=10) == 7
 
 
+def test_signal_with_start_runs_no_code_for_a_run_it_does_not_create(
+    env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = env.client.signal_with_start(
+        Counter, 0, signal="add", signal_arg=1, workflow_id="counter-3"
+    )
+    engine = env.orchestrator.engine
+    decided_for: list[str] = []
+    decide = engine._decide
+
+    def spy(session: Any, run: Any, now: Any) -> Any:
+        decided_for.append(run.run_id)
+        return decide(session, run, now)
+
+    monkeypatch.setattr(engine, "_decide", spy)
+    second = env.client.signal_with_start(
+        Counter, 0, signal="add", signal_arg=2, workflow_id="counter-3"
+    )
+    assert second.run_id == first.run_id
+    wait_for(lambda: first.query("value") == 3)
+    # Workers advanced the open run; nothing decided a would-be second run.
+    assert set(decided_for) <= {first.run_id}
+    first.signal("finish")
+    assert first.result(timeout=10) == 3
+
+
 def test_entity_continues_as_new_and_keeps_its_state(env: Any) -> None:
     handle = env.client.start_workflow(Counter, 100, workflow_id="counter-2")
     for amount in range(1, 8):
