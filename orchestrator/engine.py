@@ -183,13 +183,11 @@ class Engine:
         for _ in range(_START_ATTEMPTS):
             if id_reuse_policy is not IdReusePolicy.ALLOW_DUPLICATE:
                 # Only a closed run can refuse a start here: the insert sees open ones.
-                existing = self._latest_run(session, workflow_id)
-                if existing is not None:
-                    decided = self._decide_duplicate(
-                        workflow_id, existing, id_reuse_policy, id_conflict_policy
-                    )
-                    if decided is not None:
-                        return decided
+                decided = self._answer_existing(
+                    session, workflow_id, id_reuse_policy, id_conflict_policy
+                )
+                if decided is not None:
+                    return decided
             run_id = self._insert_run(
                 session,
                 workflow_type,
@@ -210,13 +208,11 @@ class Engine:
                     },
                 )
                 return StartResult(run_id=run_id, created=True)
-            existing = self._latest_run(session, workflow_id)
-            if existing is not None:
-                decided = self._decide_duplicate(
-                    workflow_id, existing, id_reuse_policy, id_conflict_policy
-                )
-                if decided is not None:
-                    return decided
+            decided = self._answer_existing(
+                session, workflow_id, id_reuse_policy, id_conflict_policy
+            )
+            if decided is not None:
+                return decided
             # The run that held the id closed in the meantime: try again.
         raise WorkflowAlreadyStartedError(workflow_id, "", "RUNNING")
 
@@ -358,6 +354,19 @@ class Engine:
         except Exception as exc:
             log.warning("first step left to a worker: %s", exc, extra={"run_id": run.run_id})
             return None
+
+    def _answer_existing(
+        self,
+        session: Session,
+        workflow_id: str,
+        reuse: IdReusePolicy,
+        conflict: IdConflictPolicy,
+    ) -> StartResult | None:
+        """What the policies make of the id's latest run; None: start a new one."""
+        existing = self._latest_run(session, workflow_id)
+        if existing is None:
+            return None
+        return self._decide_duplicate(workflow_id, existing, reuse, conflict)
 
     @staticmethod
     def _latest_run(session: Session, workflow_id: str) -> tuple[str, RunStatus] | None:
