@@ -248,11 +248,21 @@ def test_a_relay_only_row_does_not_wait_for_the_grace_of_others(
     relay = Relay(
         relay_engine, publisher, grace=grace, poll_interval=60, relay_only_kinds={"event"}
     )
+    waiting_out_grace = threading.Event()
+    until_next_eligible = relay._until_next_eligible
+
+    def watched() -> float | None:
+        delay = until_next_eligible()
+        if delay is not None:
+            waiting_out_grace.set()
+        return delay
+
+    relay._until_next_eligible = watched  # type: ignore[method-assign]
     with RelayThread(relay):
         # A task row in its grace period (left to the post-commit publisher) is
         # what the relay sleeps towards; it must still wake for an event row.
         write(engine, [task(1)])
-        time.sleep(0.5)  # the relay has read the table and gone to wait
+        assert waiting_out_grace.wait(10), "the relay never saw the task row's grace"
         event = OutboxMessage(kind="event", destination="demo.happened", body={"n": 2})
         started = time.monotonic()
         write(engine, [event])
