@@ -50,6 +50,13 @@ DATABASE_URL = os.environ.get(
     "postgresql+psycopg://postgres@127.0.0.1:5432/orchestrator_it",
 )
 BROKER_URL = os.environ.get("ORCHESTRATOR_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def database_url(name: str) -> str:
+    """A database of its own on the test server, for a module that recreates it."""
+    return make_url(DATABASE_URL).set(database=name).render_as_string(hide_password=False)
+
+
 WORKFLOW_QUEUE = "workflows"
 ACTIVITY_QUEUE = "activities"
 DEAD_LETTER_QUEUE = "orchestrator.dead-letter"

@@ -27,7 +27,6 @@ import harness
 import kombu
 import pytest
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, create_engine, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 import events
@@ -55,17 +54,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 ROOT = Path(__file__).resolve().parents[2]
-BROKER_URL = os.environ.get("ORCHESTRATOR_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
-DATABASE_URL = (
-    make_url(
-        os.environ.get(
-            "ORCHESTRATOR_TEST_DATABASE_URL",
-            "postgresql+psycopg://postgres@127.0.0.1:5432/orchestrator_it",
-        )
-    )
-    .set(database="orchestrator_events_dlq_it")
-    .render_as_string(hide_password=False)
-)
+BROKER_URL = harness.BROKER_URL
+DATABASE_URL = harness.database_url("orchestrator_events_dlq_it")
 EXCHANGE = f"it-dlq-{uuid.uuid4().hex[:8]}"
 TOPOLOGY = Topology(EXCHANGE)
 # An exchange's unroutable queue has one type: classic queues get an exchange of their own.
@@ -98,13 +88,9 @@ seen = Table(
 
 
 # ------------------------------------------------------------------------------ helpers
-def broker() -> kombu.Connection:
-    return kombu.Connection(BROKER_URL, connect_timeout=5)
-
-
 def ready_count(queue: str) -> int | None:
     """Messages ready in ``queue``, ``None`` if it does not exist."""
-    with broker() as conn:
+    with harness.broker_connection() as conn:
         channel = conn.channel()
         try:
             _, ready, _ = channel.queue_declare(queue, passive=True)
@@ -122,7 +108,7 @@ def drain(queue: str, expected: int, timeout: float = 10) -> list[Any]:
     Group queues have single active consumer, where ``basic.get`` is refused.
     """
     taken: list[Any] = []
-    with broker() as conn:
+    with harness.broker_connection() as conn:
         channel = conn.channel()
         channel.basic_consume(queue=queue, callback=taken.append, no_ack=True)
         deadline = time.monotonic() + timeout
@@ -143,7 +129,7 @@ def envelope_bytes(event: DomainEvent, **fields: Any) -> tuple[str, bytes]:
 def publish_event(event: DomainEvent, correlation_id: str) -> str:
     """Publish ``event`` to the exchange as the relay would; return its id."""
     event_id, body = envelope_bytes(event, correlation_id=correlation_id)
-    with broker() as conn:
+    with harness.broker_connection() as conn:
         producer = kombu.Producer(conn.channel(), auto_declare=False)
         producer.publish(
             body,
@@ -158,7 +144,7 @@ def publish_event(event: DomainEvent, correlation_id: str) -> str:
 
 
 def declare(group: str, queue_type: QueueType = "auto", topology: Topology = TOPOLOGY) -> None:
-    with broker() as conn:
+    with harness.broker_connection() as conn:
         declare_group(conn.channel(), topology, group, ["it.dlq.#"], queue_type=queue_type)
 
 
@@ -176,7 +162,7 @@ def put_dead_letters(
     ids = []
     dead_queue = topology.dead_letter_queue(group)
     before = ready_count(dead_queue) or 0
-    with broker() as conn:
+    with harness.broker_connection() as conn:
         producer = kombu.Producer(conn.channel(), auto_declare=False)
         for n in range(count):
             if body is None:
@@ -244,7 +230,7 @@ def running(runtime: SubscriberRuntime) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
     try:
-        with broker() as conn:
+        with harness.broker_connection() as conn:
             conn.ensure_connection(max_retries=1, timeout=5)
     except Exception as exc:
         pytest.fail(f"RabbitMQ is unreachable at {BROKER_URL}: {exc!r}", pytrace=False)
@@ -262,7 +248,7 @@ def engine() -> Iterator[Engine]:
 def _own_topology() -> Iterator[None]:
     """The module's exchanges and queues exist only while it runs."""
     yield
-    with broker() as conn:
+    with harness.broker_connection() as conn:
         for topology in (TOPOLOGY, CLASSIC):
             for group in GROUPS:
                 for queue in (topology.group_queue(group), topology.dead_letter_queue(group)):
@@ -527,7 +513,7 @@ def test_without_the_groups_queue_nothing_is_moved(engine: Engine) -> None:
     group = "dlq-no-queue"
     declare(group)
     ids = put_dead_letters(group, 1)
-    with broker() as conn:
+    with harness.broker_connection() as conn:
         conn.channel().queue_delete(TOPOLOGY.group_queue(group))
     with pytest.raises(DeadLetterError, match="has no queue"):
         replay_dead_letters(BROKER_URL, group=group, exchange=EXCHANGE, event_ids=None)

@@ -28,7 +28,6 @@ import harness
 import kombu
 import pytest
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, create_engine, func, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 import events
@@ -53,17 +52,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 ROOT = Path(__file__).resolve().parents[2]
-BROKER_URL = os.environ.get("ORCHESTRATOR_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
-DATABASE_URL = (
-    make_url(
-        os.environ.get(
-            "ORCHESTRATOR_TEST_DATABASE_URL",
-            "postgresql+psycopg://postgres@127.0.0.1:5432/orchestrator_it",
-        )
-    )
-    .set(database="orchestrator_events_it")
-    .render_as_string(hide_password=False)
-)
+BROKER_URL = harness.BROKER_URL
+DATABASE_URL = harness.database_url("orchestrator_events_it")
 EXCHANGE = f"it-events-{uuid.uuid4().hex[:8]}"
 TOPOLOGY = Topology(EXCHANGE)
 # Every group a test consumes, so their queues can be deleted at the end.
@@ -94,13 +84,9 @@ seen = Table(
 
 
 # ------------------------------------------------------------------------------ helpers
-def broker() -> kombu.Connection:
-    return kombu.Connection(BROKER_URL, connect_timeout=5)
-
-
 def queue_counts(name: str) -> tuple[int, int] | None:
     """(ready messages, consumers) of queue ``name``, ``None`` if it does not exist."""
-    with broker() as conn:
+    with harness.broker_connection() as conn:
         channel = conn.channel()
         try:
             _, ready, consumers = channel.queue_declare(name, passive=True)
@@ -115,7 +101,7 @@ def queue_counts(name: str) -> tuple[int, int] | None:
 def take_all(name: str) -> list[Any]:
     """Every message now in queue ``name``, removed from it."""
     taken = []
-    with broker() as conn:
+    with harness.broker_connection() as conn:
         channel = conn.channel()
         while (message := channel.basic_get(name, no_ack=True)) is not None:
             taken.append(message)
@@ -123,7 +109,7 @@ def take_all(name: str) -> list[Any]:
 
 
 def publish_raw(body: bytes, routing_key: str, **properties: Any) -> None:
-    with broker() as conn:
+    with harness.broker_connection() as conn:
         producer = kombu.Producer(conn.channel(), auto_declare=False)
         producer.publish(
             body,
@@ -220,7 +206,7 @@ def runtime_for(engine: Engine, registry: SubscriberRegistry, **options: Any) ->
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
     try:
-        with broker() as conn:
+        with harness.broker_connection() as conn:
             conn.ensure_connection(max_retries=1, timeout=5)
     except Exception as exc:
         pytest.fail(f"RabbitMQ is unreachable at {BROKER_URL}: {exc!r}", pytrace=False)
@@ -242,7 +228,7 @@ def _own_topology() -> Iterator[None]:
 
 
 def _delete_topology() -> None:
-    with broker() as conn:
+    with harness.broker_connection() as conn:
         for group in GROUPS:
             for queue in (TOPOLOGY.group_queue(group), TOPOLOGY.dead_letter_queue(group)):
                 with contextlib.suppress(Exception):
@@ -496,7 +482,7 @@ def test_an_unroutable_event_is_kept_by_the_alternate_exchange(outbox: Outbox) -
 
 def test_an_exchange_declared_otherwise_is_a_publish_error_and_the_publisher_recovers() -> None:
     clashing = f"{EXCHANGE}-clash"
-    with broker() as conn:
+    with harness.broker_connection() as conn:
         conn.channel().exchange_declare(clashing, "direct", durable=False, auto_delete=True)
     envelope = EventEnvelope.wrap(Unheard(n=1), producer="it")
     publisher = EventPublisher(BROKER_URL, exchange=EXCHANGE)
@@ -507,11 +493,11 @@ def test_an_exchange_declared_otherwise_is_a_publish_error_and_the_publisher_rec
         publisher.publish([events.event_message(envelope, exchange=EXCHANGE)])
     finally:
         publisher.close()
-        with broker() as conn, contextlib.suppress(Exception):
+        with harness.broker_connection() as conn, contextlib.suppress(Exception):
             conn.channel().exchange_delete(clashing)
-        with broker() as conn, contextlib.suppress(Exception):
+        with harness.broker_connection() as conn, contextlib.suppress(Exception):
             conn.channel().exchange_delete(f"{clashing}.unroutable")
-        with broker() as conn, contextlib.suppress(Exception):
+        with harness.broker_connection() as conn, contextlib.suppress(Exception):
             conn.channel().queue_delete(f"{clashing}.unroutable")
     # Routed nowhere: it went to the unroutable queue.
     assert any(
