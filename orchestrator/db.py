@@ -278,12 +278,14 @@ def _translated_errors(session: Session) -> Iterator[None]:
     :func:`once_more_on_disconnect` runs the transaction again on a fresh
     connection rather than on another dead pooled one.
     """
-    bind = session.get_bind()
-    dialect = bind.dialect
-    dbapi_error = dialect.loaded_dbapi.Error
     try:
         yield
-    except dbapi_error as exc:
+    except Exception as exc:
+        bind = session.get_bind()
+        dialect = bind.dialect
+        dbapi_error = dialect.loaded_dbapi.Error
+        if not isinstance(exc, dbapi_error):
+            raise
         connection = session.connection()
         lost = dialect.is_disconnect(exc, connection.connection.driver_connection, None)
         if lost:
