@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Executable, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from activities.context import ActivityInfo
@@ -32,9 +33,18 @@ from activities.execution import Outcome, execute
 from activities.failure import Failure
 from activities.retry import RetryPolicy
 from orchestrator import messages, metrics
-from orchestrator.db import as_utc, commit, once_more_on_disconnect, pipelined
+from orchestrator.db import as_utc, commit, once_more_on_disconnect, pipelined, read_together
 from orchestrator.history import ActivityCompleted, ActivityFailed, ActivityScheduled
-from orchestrator.runs import LockedRun, lock_run, save_run
+from orchestrator.runs import (
+    LOAD_HISTORY,
+    LOCK_RUN,
+    PREFETCHED_HISTORY,
+    LockedRun,
+    history_from,
+    lock_run,
+    locked_run_from,
+    save_run,
+)
 from orchestrator.schema import activity_tasks, timers, workflow_runs
 from outbox.crashpoints import crash_point
 from outbox.message import OutboxMessage
@@ -408,21 +418,12 @@ class ActivityRunner:
         engine = self.engine
         with engine.sessions() as session, pipelined(session):
             session.info[EAGER_ALLOWED] = eager_allowed
-            run = lock_run(session, run_id)
             now = engine.clock()
-            if run is None:
-                return self._stale(run_id, activity_id, attempt)
             if outcome.failure is None:
-                activity_type = session.execute(
-                    _COMPLETE_ATTEMPT,
-                    {
-                        "b_run_id": run_id,
-                        "b_activity_id": activity_id,
-                        "b_attempt": attempt,
-                        "b_now": now,
-                    },
-                ).scalar()
-                if activity_type is None:
+                run, activity_type = self._lock_and_complete(
+                    session, run_id, activity_id, attempt, now
+                )
+                if run is None or activity_type is None:
                     return self._stale(run_id, activity_id, attempt)
                 # A run that closed while this ran (terminated, say) keeps the
                 # record but gets nothing after its closing event.
@@ -437,6 +438,9 @@ class ActivityRunner:
                         )
                     )
             else:
+                run = lock_run(session, run_id)
+                if run is None:
+                    return self._stale(run_id, activity_id, attempt)
                 row = activity_row(session, run_id, activity_id)
                 if row is None or row["attempt"] != attempt or row["status"] != "STARTED":
                     return self._stale(run_id, activity_id, attempt)
@@ -448,6 +452,45 @@ class ActivityRunner:
             engine.commit(session)
             claim: ClaimedAttempt | None = session.info.pop(EAGER_CLAIM, None)
             return claim
+
+    def _lock_and_complete(
+        self, session: Session, run_id: str, activity_id: str, attempt: int, now: datetime
+    ) -> tuple[LockedRun | None, str | None]:
+        """Lock the run, then close the attempt if it is still current and running.
+
+        The run (None if it is gone) and the attempt's activity type (None if the
+        outcome is stale). In a pipeline the two statements share one round trip,
+        and so does the run's history when no cached instance holds it (the
+        first step a worker records for a run).
+        """
+        complete = {
+            "b_run_id": run_id,
+            "b_activity_id": activity_id,
+            "b_attempt": attempt,
+            "b_now": now,
+        }
+        reads: list[tuple[Executable, Mapping[str, Any]]] = [
+            (LOCK_RUN, {"b_run_id": run_id}),
+            (_COMPLETE_ATTEMPT, complete),
+        ]
+        cold = run_id not in self.engine.cache
+        if cold:
+            reads.append((LOAD_HISTORY, {"b_run_id": run_id, "b_after": 0}))
+        rows = read_together(session, reads)
+        if rows is None:
+            run = lock_run(session, run_id)
+            if run is None:
+                return None, None
+            return run, session.execute(_COMPLETE_ATTEMPT, complete).scalar()
+        if not rows[0]:
+            return None, None
+        if cold:
+            events = [
+                (row["seq"], row["event_type"], row["attributes"], row["created_at"])
+                for row in rows[2]
+            ]
+            session.info[PREFETCHED_HISTORY] = (run_id, history_from(events))
+        return locked_run_from(rows[0][0]), rows[1][0]["activity_type"] if rows[1] else None
 
     @staticmethod
     def _stale(run_id: str, activity_id: str, attempt: int) -> None:

@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
@@ -245,6 +245,58 @@ def _read_results_in_pipeline(engine: Engine) -> None:
         if context.is_crud and not context.compiled.effective_returning:
             return  # nothing to read: stays in the pipeline
         pipeline.sync()
+
+
+def read_together(
+    session: Session, reads: Sequence[tuple[Executable, Mapping[str, Any]]]
+) -> list[list[dict[str, Any]]] | None:
+    """Run several reading statements with one round trip; their rows, in order.
+
+    Inside :func:`pipelined` the statements are queued one behind the other and
+    read after a single sync: each still runs after the one before it has
+    finished (a lock it takes is held before the next one runs, and the next
+    one sees what it waited for), only the client no longer waits between them.
+    Outside a pipeline this returns None and the caller runs them as usual.
+
+    The statements go to the driver's cursor as compiled for the dialect, with
+    their parameters as given: only for statements whose parameters and
+    columns need no conversion by SQLAlchemy (strings, numbers, times, JSON
+    read by the driver).
+    """
+    entry: _Open | None = session.info.get(_PIPELINE)
+    if entry is None:
+        return None
+    dialect = session.get_bind().dialect
+    cursors = []
+    with _translated_errors(session):
+        try:
+            for statement, params in reads:
+                compiled = _compiled(statement, dialect)
+                cursor = entry.driver.cursor()
+                cursors.append(cursor)
+                cursor.execute(compiled.string, compiled.construct_params(dict(params)))
+            entry.pipeline.sync()
+            rows = []
+            for cursor in cursors:
+                names = [column.name for column in cursor.description]
+                rows.append([dict(zip(names, row, strict=True)) for row in cursor.fetchall()])
+            return rows
+        finally:
+            for cursor in cursors:
+                cursor.close()
+
+
+_COMPILED: dict[tuple[int, str], tuple[Executable, Any]] = {}
+
+
+def _compiled(statement: Executable, dialect: Any) -> Any:
+    # By identity: the hot path's statements are built once, at import.
+    key = (id(statement), dialect.name)
+    cached = _COMPILED.get(key)
+    if cached is None or cached[0] is not statement:
+        cached = (statement, statement.compile(dialect=dialect))  # type: ignore[attr-defined]
+        _COMPILED[key] = cached
+    return cached[1]
 
 
 def commit(session: Session) -> None:

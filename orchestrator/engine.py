@@ -68,7 +68,14 @@ from orchestrator.instance import ActivityDefaults, WorkflowInstance
 from orchestrator.lifecycle import WorkflowClosed, WorkflowRunStarted, lifecycle_message
 from orchestrator.policies import IdConflictPolicy, IdReusePolicy, ParentClosePolicy, RunStatus
 from orchestrator.registry import Registry
-from orchestrator.runs import InstanceCache, LockedRun, load_history, lock_run, save_run
+from orchestrator.runs import (
+    PREFETCHED_HISTORY,
+    InstanceCache,
+    LockedRun,
+    load_history,
+    lock_run,
+    save_run,
+)
 from orchestrator.schema import activity_tasks, workflow_runs
 from orchestrator.settings import Settings
 from orchestrator.timers import TimerService, cancel_timer, delete_run_timers, start_timer
@@ -450,11 +457,14 @@ class Engine:
                 defn, run_id=run.run_id, workflow_id=run.workflow_id, defaults=self._defaults
             )
         saved = run.history_length - len(run.appended)
-        history = (
-            load_history(session, run.run_id, after=instance.applied_seq)
-            if instance.applied_seq < saved
-            else []
-        )
+        history: list[RecordedEvent] = []
+        if instance.applied_seq < saved:
+            prefetched = session.info.pop(PREFETCHED_HISTORY, None)
+            if prefetched is not None and prefetched[0] == run.run_id:
+                # Read from the first event, under the run's lock: all of it.
+                history = [e for e in prefetched[1] if instance.applied_seq < e.seq <= saved]
+            else:
+                history = load_history(session, run.run_id, after=instance.applied_seq)
         # Copies, rebuilt from their stored form: workflow code that changes a
         # value it received must not change the event about to be saved.
         history += [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -75,10 +76,10 @@ _RUN_COLUMNS = (
     workflow_runs.c.task_failure.is_not(None).label("has_task_failure"),
 )
 _SELECT_RUN = select(*_RUN_COLUMNS).where(workflow_runs.c.run_id == bindparam("b_run_id"))
-_LOCK_RUN = _SELECT_RUN.with_for_update()
+LOCK_RUN = _SELECT_RUN.with_for_update()
 _LOCK_RUN_SKIP_LOCKED = _SELECT_RUN.with_for_update(skip_locked=True)
 _INSERT_EVENTS = insert(workflow_events)
-_LOAD_HISTORY = (
+LOAD_HISTORY = (
     select(
         workflow_events.c.seq,
         workflow_events.c.event_type,
@@ -91,11 +92,15 @@ _LOAD_HISTORY = (
     )
     .order_by(workflow_events.c.seq)
 )
+# The session key of a run's history read in the same round trip as its lock:
+# (run_id, events); the decision uses it instead of reading again.
+PREFETCHED_HISTORY = "prefetched_history"
 # The SET clause comes from the parameters' names.
 _UPDATE_RUN = update(workflow_runs).where(workflow_runs.c.run_id == bindparam("b_run_id"))
 
 
-def _locked_run_from(row: Any) -> LockedRun:
+def locked_run_from(row: Any) -> LockedRun:
+    """The run of a row of :data:`LOCK_RUN`."""
     return LockedRun(
         run_id=row["run_id"],
         workflow_id=row["workflow_id"],
@@ -115,9 +120,9 @@ def _locked_run_from(row: Any) -> LockedRun:
 
 def lock_run(session: Session, run_id: str, *, skip_locked: bool = False) -> LockedRun | None:
     """Lock and load a run, or None if it does not exist (or is busy, with skip_locked)."""
-    statement = _LOCK_RUN_SKIP_LOCKED if skip_locked else _LOCK_RUN
+    statement = _LOCK_RUN_SKIP_LOCKED if skip_locked else LOCK_RUN
     row = session.execute(statement, {"b_run_id": run_id}).mappings().first()
-    return None if row is None else _locked_run_from(row)
+    return None if row is None else locked_run_from(row)
 
 
 def save_run(session: Session, run: LockedRun, now: datetime) -> None:
@@ -155,7 +160,12 @@ def _already_stored(stored: dict[str, Any], values: dict[str, Any]) -> bool:
 
 
 def load_history(session: Session, run_id: str, *, after: int = 0) -> list[RecordedEvent]:
-    rows = session.execute(_LOAD_HISTORY, {"b_run_id": run_id, "b_after": after}).all()
+    rows = session.execute(LOAD_HISTORY, {"b_run_id": run_id, "b_after": after}).all()
+    return history_from(rows)
+
+
+def history_from(rows: Iterable[Any]) -> list[RecordedEvent]:
+    """The events of rows of :data:`LOAD_HISTORY`: (seq, event_type, attributes, created_at)."""
     return [
         RecordedEvent(
             seq=seq,
@@ -178,6 +188,10 @@ class InstanceCache:
         self._size = size
         self._items: OrderedDict[str, WorkflowInstance] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __contains__(self, run_id: str) -> bool:
+        with self._lock:
+            return run_id in self._items
 
     def take(self, run_id: str) -> WorkflowInstance | None:
         with self._lock:

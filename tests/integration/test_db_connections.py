@@ -5,17 +5,21 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import harness
 import pytest
-from sqlalchemy import Engine, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, event, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
+import activities as activity
+from orchestrator import Orchestrator, Settings, workflow
 from orchestrator import db as orchestrator_db
 from orchestrator.db import (
     commit,
     create_db_engine,
     once_more_on_disconnect,
     pipelined,
+    read_together,
     session_factory,
 )
 
@@ -184,3 +188,117 @@ def test_a_connection_lost_in_a_pipeline_is_retried_like_any_other(
     transaction()
     assert len(attempts) == 2
     assert notes(pooled) == [(12, "x")]
+
+
+# -------------------------------------------------------- reads in one round trip
+SELECT_NOTE = text("SELECT id, note FROM it_pipelined WHERE id = :id FOR UPDATE")
+RENAME_NOTE = text("UPDATE it_pipelined SET note = :note WHERE id = :id RETURNING id, note")
+FAILING_READ = text("SELECT 1 / (id - :id) AS boom FROM it_pipelined")
+
+
+def count_syncs(session: Session, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    pipeline = session.info[orchestrator_db._PIPELINE].pipeline
+    syncs: list[int] = []
+    original = pipeline.sync
+
+    def sync() -> None:
+        syncs.append(1)
+        original()
+
+    monkeypatch.setattr(pipeline, "sync", sync)
+    return syncs
+
+
+def test_reads_together_share_one_sync_and_see_the_writes_before_them(
+    pooled: Engine, scratch: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sessions = session_factory(pooled)
+    with sessions() as session, pipelined(session):
+        session.execute(INSERT, {"id": 1, "note": "a"})
+        syncs = count_syncs(session, monkeypatch)
+        rows = read_together(
+            session,
+            [
+                (SELECT_NOTE, {"id": 1}),
+                (RENAME_NOTE, {"id": 1, "note": "b"}),
+                (SELECT_NOTE, {"id": 2}),
+            ],
+        )
+        assert syncs == [1]
+        # In order: the second statement ran after the first, the third found nothing.
+        assert rows == [[{"id": 1, "note": "a"}], [{"id": 1, "note": "b"}], []]
+        commit(session)
+    assert notes(pooled) == [(1, "b")]
+
+
+def test_reads_together_outside_a_pipeline_run_nothing(pooled: Engine, scratch: Any) -> None:
+    sessions = session_factory(pooled)
+    with sessions() as session:
+        session.execute(INSERT, {"id": 1, "note": "a"})
+        assert read_together(session, [(RENAME_NOTE, {"id": 1, "note": "b"})]) is None
+        session.commit()
+    assert notes(pooled) == [(1, "a")]
+
+
+def test_a_failing_read_together_raises_the_database_error_and_writes_nothing(
+    pooled: Engine, scratch: Any
+) -> None:
+    sessions = session_factory(pooled)
+    with (
+        pytest.raises(DBAPIError, match="division by zero"),
+        sessions() as session,
+        pipelined(session),
+    ):
+        session.execute(INSERT, {"id": 1, "note": "a"})
+        read_together(session, [(RENAME_NOTE, {"id": 1, "note": "b"}), (FAILING_READ, {"id": 1})])
+        commit(session)
+    assert notes(pooled) == []
+    with sessions() as session:
+        assert not in_pipeline_mode(session)
+
+
+@workflow.defn(name="ItThreeSteps")
+class ThreeSteps:
+    @workflow.run
+    async def run(self, word: str) -> str:
+        for _ in range(3):
+            word = await workflow.execute_activity(shout, word)
+        return word
+
+
+@activity.defn(task_queue="it-three-steps")
+def shout(word: str) -> str:
+    return word + "!"
+
+
+@pytest.mark.parametrize("cache_size", [100, 0])
+def test_a_step_takes_the_history_with_the_run_lock(database_url: str, cache_size: int) -> None:
+    # In-process broker, PostgreSQL store: every step is recorded through the pipeline.
+    orchestrator = Orchestrator(
+        workflows=[ThreeSteps],
+        activities=[shout],
+        settings=Settings(
+            database_url=database_url,
+            broker_url="embedded://",
+            instance_cache_size=cache_size,
+            lifecycle_events=False,
+        ),
+    )
+    history_reads: list[str] = []
+
+    def spy(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "FROM workflow_events" in statement:
+            history_reads.append(statement)
+
+    event.listen(orchestrator.db, "before_cursor_execute", spy)
+    try:
+        handle = orchestrator.client().start_workflow(
+            ThreeSteps, "go", workflow_id=harness.unique("it-3")
+        )
+        assert handle.result(timeout=20) == "go!!!"
+    finally:
+        orchestrator.close()
+    # The starting process decided the first step; every step after it came to an
+    # instance that was not cached (the first, or all of them without a cache) and
+    # read the history in the round trip that locked the run, not on its own.
+    assert history_reads == []
