@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import Executable, bindparam, insert, select, update
+from sqlalchemy import Executable, bindparam, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from activities.context import ActivityInfo
@@ -104,6 +104,34 @@ _COMPLETE_ATTEMPT = (
     )
     .values(status="COMPLETED", closed_at=bindparam("b_now"), deadline_at=None)
     .returning(activity_tasks.c.activity_type)
+)
+
+
+# The claim in one statement (PostgreSQL): the attempt is marked started only
+# if it is still the current one, scheduled, and its run open and not paused,
+# with the deadline _attempt_deadline computes, and of a type this process
+# runs. No row: not claimed, and the step-by-step claim finds out why.
+_CLAIM_AT_ONCE = text(
+    """
+    UPDATE activity_tasks AS a
+    SET status = 'STARTED',
+        started_at = :b_now,
+        deadline_at = LEAST(
+            :b_now + a.start_to_close * interval '1 second',
+            CASE WHEN a.heartbeat_timeout > 0
+                THEN :b_now + a.heartbeat_timeout * interval '1 second' END,
+            CASE WHEN a.schedule_to_close > 0
+                THEN a.scheduled_at + a.schedule_to_close * interval '1 second' END
+        )
+    FROM workflow_runs AS r
+    WHERE a.run_id = :b_run_id AND a.activity_id = :b_activity_id
+      AND a.attempt = :b_attempt AND a.status = 'SCHEDULED'
+      AND a.activity_type = ANY(:b_types)
+      AND r.run_id = a.run_id AND r.closed_at IS NULL AND NOT r.paused
+    RETURNING a.activity_type, a.idempotency_key, a.task_queue, a.scheduled_at,
+      a.deadline_at, a.heartbeat_details, a.is_compensation, a.input,
+      r.workflow_id, r.workflow_type
+    """
 )
 
 
@@ -311,32 +339,68 @@ class ActivityRunner:
         engine = self.engine
         now = engine.clock()
         with engine.sessions() as session, pipelined(session):
-            row = (
-                session.execute(_CLAIM_ACTIVITY, {"b_run_id": run_id, "b_activity_id": activity_id})
-                .mappings()
-                .first()
+            if session.get_bind().dialect.name == "postgresql":
+                params = {
+                    "b_run_id": run_id,
+                    "b_activity_id": activity_id,
+                    "b_attempt": attempt,
+                    "b_now": now,
+                    "b_types": engine.registry.activity_types,
+                }
+                rows = read_together(session, [(_CLAIM_AT_ONCE, params)], then_commit=True)
+                if rows is not None:
+                    if rows[0]:
+                        return self._claimed(rows[0][0], run_id, activity_id, attempt, now)
+                    # Not claimed: the transaction below finds out why, for the log.
+                    return self._claim_checked(run_id, activity_id, attempt, now)
+            return self._claim_checked(run_id, activity_id, attempt, now, session=session)
+
+    def _claim_checked(
+        self,
+        run_id: str,
+        activity_id: str,
+        attempt: int,
+        now: datetime,
+        *,
+        session: Session | None = None,
+    ) -> ClaimedAttempt | None:
+        """The claim step by step: read the attempt and its run, check, mark it started."""
+        if session is None:
+            with self.engine.sessions() as own:
+                return self._claim_checked(run_id, activity_id, attempt, now, session=own)
+        engine = self.engine
+        row = (
+            session.execute(_CLAIM_ACTIVITY, {"b_run_id": run_id, "b_activity_id": activity_id})
+            .mappings()
+            .first()
+        )
+        if row is not None and row["run_closed_at"] is not None:
+            log.info("run is closed; activity %s not started", activity_id)
+            return None
+        if row is not None and row["paused"]:
+            # Stays SCHEDULED: resuming the run sends its message again.
+            log.info("run is paused; activity %s waits", activity_id, extra={"run_id": run_id})
+            return None
+        if row is None or row["attempt"] != attempt or row["status"] != "SCHEDULED":
+            log.info(
+                "dropping stale activity message",
+                extra={"run_id": run_id, "activity_id": activity_id, "attempt": attempt},
             )
-            if row is not None and row["run_closed_at"] is not None:
-                log.info("run is closed; activity %s not started", activity_id)
-                return None
-            if row is not None and row["paused"]:
-                # Stays SCHEDULED: resuming the run sends its message again.
-                log.info("run is paused; activity %s waits", activity_id, extra={"run_id": run_id})
-                return None
-            if row is None or row["attempt"] != attempt or row["status"] != "SCHEDULED":
-                log.info(
-                    "dropping stale activity message",
-                    extra={"run_id": run_id, "activity_id": activity_id, "attempt": attempt},
-                )
-                return None
-            defn = engine.registry.activity(row["activity_type"])
-            deadline = _attempt_deadline(
-                now, row["start_to_close"], row["heartbeat_timeout"], _close_deadline(row)
-            )
-            set_activity(
-                session, run_id, activity_id, status="STARTED", started_at=now, deadline_at=deadline
-            )
-            commit(session)
+            return None
+        engine.registry.activity(row["activity_type"])  # raises before anything is written
+        deadline = _attempt_deadline(
+            now, row["start_to_close"], row["heartbeat_timeout"], _close_deadline(row)
+        )
+        set_activity(
+            session, run_id, activity_id, status="STARTED", started_at=now, deadline_at=deadline
+        )
+        commit(session)
+        return self._claimed({**row, "deadline_at": deadline}, run_id, activity_id, attempt, now)
+
+    def _claimed(
+        self, row: Any, run_id: str, activity_id: str, attempt: int, now: datetime
+    ) -> ClaimedAttempt:
+        """The attempt a claim marked started, from its row and its run's."""
         info = ActivityInfo(
             activity_id=activity_id,
             activity_type=row["activity_type"],
@@ -348,11 +412,12 @@ class ActivityRunner:
             task_queue=row["task_queue"],
             scheduled_at=as_utc(row["scheduled_at"]),
             started_at=now,
-            deadline=deadline,
+            deadline=as_utc(row["deadline_at"]),
             heartbeat_details=row["heartbeat_details"],
             is_compensation=bool(row["is_compensation"]),
         )
-        return ClaimedAttempt(info=info, definition=defn, payload=row["input"])
+        definition = self.engine.registry.activity(row["activity_type"])
+        return ClaimedAttempt(info=info, definition=definition, payload=row["input"])
 
     def _heartbeat(self, run_id: str, activity_id: str, attempt: int, details: Any) -> None:
         """Record progress, push the heartbeat deadline, and pass on a cancellation."""

@@ -248,15 +248,20 @@ def _read_results_in_pipeline(engine: Engine) -> None:
 
 
 def read_together(
-    session: Session, reads: Sequence[tuple[Executable, Mapping[str, Any]]]
+    session: Session,
+    reads: Sequence[tuple[Executable, Mapping[str, Any]]],
+    *,
+    then_commit: bool = False,
 ) -> list[list[dict[str, Any]]] | None:
-    """Run several reading statements with one round trip; their rows, in order.
+    """Run several statements that return rows with one round trip; their rows, in order.
 
     Inside :func:`pipelined` the statements are queued one behind the other and
     read after a single sync: each still runs after the one before it has
     finished (a lock it takes is held before the next one runs, and the next
     one sees what it waited for), only the client no longer waits between them.
-    Outside a pipeline this returns None and the caller runs them as usual.
+    With ``then_commit`` the COMMIT joins them in that round trip, as in
+    :func:`commit`. Outside a pipeline this returns None, runs nothing, and the
+    caller runs them as usual.
 
     The statements go to the driver's cursor as compiled for the dialect, with
     their parameters as given: only for statements whose parameters and
@@ -275,15 +280,21 @@ def read_together(
                 cursor = entry.driver.cursor()
                 cursors.append(cursor)
                 cursor.execute(compiled.string, compiled.construct_params(dict(params)))
-            entry.pipeline.sync()
+            if then_commit:
+                del session.info[_PIPELINE]
+                _commit_pipeline(entry)
+            else:
+                entry.pipeline.sync()
             rows = []
             for cursor in cursors:
                 names = [column.name for column in cursor.description]
                 rows.append([dict(zip(names, row, strict=True)) for row in cursor.fetchall()])
-            return rows
         finally:
             for cursor in cursors:
                 cursor.close()
+    if then_commit:
+        session.commit()
+    return rows
 
 
 _COMPILED: dict[tuple[int, str], tuple[Executable, Any]] = {}
@@ -310,15 +321,20 @@ def commit(session: Session) -> None:
     """
     entry = session.info.pop(_PIPELINE, None)
     if entry is not None:
-        entry.forget()
         with _translated_errors(session):
-            try:
-                entry.driver.execute("COMMIT")
-            except BaseException as exc:
-                entry.manager.__exit__(type(exc), exc, exc.__traceback__)
-                raise
-            entry.manager.__exit__(None, None, None)
+            _commit_pipeline(entry)
     session.commit()
+
+
+def _commit_pipeline(entry: _Open) -> None:
+    """Queue the COMMIT and leave pipeline mode: one sync for everything queued."""
+    entry.forget()
+    try:
+        entry.driver.execute("COMMIT")
+    except BaseException as exc:
+        entry.manager.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    entry.manager.__exit__(None, None, None)
 
 
 @contextlib.contextmanager

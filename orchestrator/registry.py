@@ -54,6 +54,10 @@ class Registry:
     def has_workflow(self, name: str) -> bool:
         return name in self._workflows
 
+    @property
+    def activity_types(self) -> list[str]:
+        return list(self._activities)
+
     def has_activity(self, name: str) -> bool:
         return name in self._activities
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import harness
@@ -302,3 +303,53 @@ def test_a_step_takes_the_history_with_the_run_lock(database_url: str, cache_siz
     # instance that was not cached (the first, or all of them without a cache) and
     # read the history in the round trip that locked the run, not on its own.
     assert history_reads == []
+
+
+@activity.defn(task_queue="it-deadlines")
+def report_deadline() -> list[str]:
+    info = activity.info()
+    return [info.scheduled_at.isoformat(), info.started_at.isoformat(), info.deadline.isoformat()]
+
+
+@workflow.defn(name="ItDeadline")
+class Deadline:
+    @workflow.run
+    async def run(self, timeouts: list[float | None]) -> list[str]:
+        start_to_close, heartbeat, schedule_to_close = timeouts
+        result: list[str] = await workflow.execute_activity(
+            report_deadline,
+            start_to_close=start_to_close,
+            heartbeat_timeout=heartbeat,
+            schedule_to_close=schedule_to_close,
+        )
+        return result
+
+
+@pytest.mark.parametrize(
+    ("timeouts", "deadline_from", "seconds"),
+    [
+        ([30.0, None, None], "started", 30.0),
+        ([30.0, 5.5, None], "started", 5.5),
+        ([30.0, 5.5, 2.25], "scheduled", 2.25),
+        ([1.5, 5.5, 20.0], "started", 1.5),
+    ],
+)
+def test_the_claim_in_one_statement_sets_the_deadline_as_the_timeouts_say(
+    database_url: str, timeouts: list[float | None], deadline_from: str, seconds: float
+) -> None:
+    orchestrator = Orchestrator(
+        workflows=[Deadline],
+        activities=[report_deadline],
+        settings=Settings(
+            database_url=database_url, broker_url="embedded://", lifecycle_events=False
+        ),
+    )
+    try:
+        handle = orchestrator.client().start_workflow(
+            Deadline, timeouts, workflow_id=harness.unique("it-deadline")
+        )
+        scheduled, started, deadline = map(datetime.fromisoformat, handle.result(timeout=20))
+    finally:
+        orchestrator.close()
+    base = scheduled if deadline_from == "scheduled" else started
+    assert deadline == base + timedelta(seconds=seconds)
