@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from activities.errors import InvalidPayloadError, PayloadTooLargeError
@@ -16,6 +17,7 @@ from activities.failure import Failure
 from activities.payload import from_payload, to_payload, validate_input
 from orchestrator.db import as_utc, commit, pipelined
 from orchestrator.definition import WorkflowDefinition
+from orchestrator.engine import UNREAD_START, StartResult, log_started
 from orchestrator.errors import (
     InvalidWorkflowIdError,
     ResultTimeoutError,
@@ -110,17 +112,58 @@ class Client:
                 id_conflict_policy=id_conflict_policy,
             )
         else:
-            with engine.sessions() as own, pipelined(own):
-                started = engine.start(
-                    own,
-                    defn.name,
-                    payload,
-                    workflow_id=workflow_id,
-                    id_reuse_policy=id_reuse_policy,
-                    id_conflict_policy=id_conflict_policy,
-                )
-                commit(own)
+            started = self._start_in_own_transaction(
+                defn.name, payload, workflow_id, id_reuse_policy, id_conflict_policy
+            )
         return WorkflowHandle(self, workflow_id, started.run_id)
+
+    def _start_in_own_transaction(
+        self,
+        workflow_type: str,
+        payload: Any,
+        workflow_id: str,
+        id_reuse_policy: IdReusePolicy,
+        id_conflict_policy: IdConflictPolicy,
+    ) -> StartResult:
+        """Start and commit, in one round trip where an open run is not the expected case.
+
+        That start does not read its insert back: if an open run held the id
+        after all, the commit fails and the start is made again, reading as it
+        goes, for the policies to decide.
+        """
+        engine = self._orchestrator.engine
+        unread = id_conflict_policy is not IdConflictPolicy.USE_EXISTING
+        if unread:
+            try:
+                with engine.sessions() as own, pipelined(own):
+                    own.info[UNREAD_START] = True
+                    started = engine.start(
+                        own,
+                        workflow_type,
+                        payload,
+                        workflow_id=workflow_id,
+                        id_reuse_policy=id_reuse_policy,
+                        id_conflict_policy=id_conflict_policy,
+                    )
+                    commit(own)
+            except IntegrityError as exc:
+                if not _run_row_missing(exc):
+                    raise
+            else:
+                if started.created:
+                    log_started(workflow_id, started.run_id, workflow_type)
+                return started
+        with engine.sessions() as own, pipelined(own):
+            started = engine.start(
+                own,
+                workflow_type,
+                payload,
+                workflow_id=workflow_id,
+                id_reuse_policy=id_reuse_policy,
+                id_conflict_policy=id_conflict_policy,
+            )
+            commit(own)
+        return started
 
     def _input_payload(self, defn: WorkflowDefinition, input: Any) -> Any:
         """Validate a run's input against its type hint before anything is written."""
@@ -364,6 +407,11 @@ def _handler_payload(takes_input: bool, input_type: Any, arg: Any, name: str) ->
         return to_payload(validate_input(arg, input_type), input_type)
     except InvalidPayloadError as exc:
         raise InvalidPayloadError(f"invalid argument for {name}: {exc}") from None
+
+
+def _run_row_missing(exc: IntegrityError) -> bool:
+    """A foreign-key violation: rows of a run whose insert an open run prevented."""
+    return getattr(exc.orig, "sqlstate", None) == "23503"
 
 
 def _check_workflow_id(workflow_id: str) -> str:

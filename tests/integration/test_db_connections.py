@@ -13,7 +13,13 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 import activities as activity
-from orchestrator import Orchestrator, Settings, workflow
+from orchestrator import (
+    IdConflictPolicy,
+    Orchestrator,
+    Settings,
+    WorkflowAlreadyStartedError,
+    workflow,
+)
 from orchestrator import db as orchestrator_db
 from orchestrator.db import (
     commit,
@@ -353,3 +359,60 @@ def test_the_claim_in_one_statement_sets_the_deadline_as_the_timeouts_say(
         orchestrator.close()
     base = scheduled if deadline_from == "scheduled" else started
     assert deadline == base + timedelta(seconds=seconds)
+
+
+@workflow.defn(name="ItWaitsOpen")
+class WaitsOpen:
+    def __init__(self) -> None:
+        self.go = False
+
+    @workflow.signal
+    def proceed(self) -> None:
+        self.go = True
+
+    @workflow.run
+    async def run(self) -> None:
+        await workflow.wait_condition(lambda: self.go)
+
+
+def test_a_start_commits_without_reading_its_insert_and_a_taken_id_still_fails(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from psycopg import Pipeline
+
+    orchestrator = Orchestrator(
+        workflows=[WaitsOpen],
+        settings=Settings(
+            database_url=database_url, broker_url="embedded://", lifecycle_events=False
+        ),
+    )
+    syncs: list[int] = []
+    original = Pipeline.sync
+
+    def sync(self: Any) -> None:
+        syncs.append(1)
+        original(self)
+
+    monkeypatch.setattr(Pipeline, "sync", sync)
+    workflow_id = harness.unique("it-unread")
+    client = orchestrator.client()
+    try:
+        first = client.start_workflow(WaitsOpen, workflow_id=workflow_id)
+        # Writes and COMMIT in one round trip: nothing was read back on the way.
+        assert syncs == []
+        with pytest.raises(WorkflowAlreadyStartedError):
+            client.start_workflow(WaitsOpen, workflow_id=workflow_id)
+        same = client.start_workflow(
+            WaitsOpen, workflow_id=workflow_id, id_conflict_policy=IdConflictPolicy.USE_EXISTING
+        )
+        assert same.run_id == first.run_id
+        with orchestrator.db.connect() as conn:
+            runs = conn.execute(
+                text("SELECT count(*) FROM workflow_runs WHERE workflow_id = :id"),
+                {"id": workflow_id},
+            ).scalar_one()
+        assert runs == 1
+        first.signal("proceed")
+        first.result(timeout=20)
+    finally:
+        orchestrator.close()

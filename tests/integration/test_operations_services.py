@@ -117,7 +117,9 @@ def test_dead_lettered_refund_is_replayed_once_and_the_saga_compensates(
 
 
 def test_pause_stops_dispatch_until_resume(db: Engine, orchestrator: Orchestrator) -> None:
-    order = harness.make_order(harness.unique("pause"), charge_delay_seconds=1.5)
+    # The charge must outlast the pause command's start (a new interpreter, slow
+    # on a busy machine): paused after it, the run would just finish.
+    order = harness.make_order(harness.unique("pause"), charge_delay_seconds=5.0)
     handle = orchestrator.client().start_workflow(
         OrderSaga, order, workflow_id=f"order-{order.order_id}"
     )
