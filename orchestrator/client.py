@@ -131,21 +131,10 @@ class Client:
         after all, the commit fails and the start is made again, reading as it
         goes, for the policies to decide.
         """
-        engine = self._orchestrator.engine
-        unread = id_conflict_policy is not IdConflictPolicy.USE_EXISTING
-        if unread:
+        args = (workflow_type, payload, workflow_id, id_reuse_policy, id_conflict_policy)
+        if id_conflict_policy is not IdConflictPolicy.USE_EXISTING:
             try:
-                with engine.sessions() as own, pipelined(own):
-                    own.info[UNREAD_START] = True
-                    started = engine.start(
-                        own,
-                        workflow_type,
-                        payload,
-                        workflow_id=workflow_id,
-                        id_reuse_policy=id_reuse_policy,
-                        id_conflict_policy=id_conflict_policy,
-                    )
-                    commit(own)
+                started = self._start_once(*args, unread=True)
             except IntegrityError as exc:
                 if not _run_row_missing(exc):
                     raise
@@ -153,7 +142,21 @@ class Client:
                 if started.created:
                     log_started(workflow_id, started.run_id, workflow_type)
                 return started
+        return self._start_once(*args, unread=False)
+
+    def _start_once(
+        self,
+        workflow_type: str,
+        payload: Any,
+        workflow_id: str,
+        id_reuse_policy: IdReusePolicy,
+        id_conflict_policy: IdConflictPolicy,
+        *,
+        unread: bool,
+    ) -> StartResult:
+        engine = self._orchestrator.engine
         with engine.sessions() as own, pipelined(own):
+            own.info[UNREAD_START] = unread
             started = engine.start(
                 own,
                 workflow_type,
