@@ -201,6 +201,8 @@ class Engine:
         does nothing when an open run holds the id (no error, so the caller's
         transaction stays usable), and the policies then decide what to return.
         """
+        # This start's own insert only: a child started by its first step reads its own.
+        unread = bool(session.info.pop(UNREAD_START, False))
         for _ in range(_START_ATTEMPTS):
             if id_reuse_policy is not IdReusePolicy.ALLOW_DUPLICATE:
                 # Only a closed run can refuse a start here: the insert sees open ones.
@@ -218,9 +220,10 @@ class Engine:
                 # Where an open run is the expected case (signal-with-start), its
                 # code must not run for a run that is not created.
                 decide_first=id_conflict_policy is not IdConflictPolicy.USE_EXISTING,
+                unread=unread,
             )
             if run_id is not None:
-                if not session.info.get(UNREAD_START):  # its caller logs after the commit
+                if not unread:  # its caller logs after the commit
                     log_started(workflow_id, run_id, workflow_type)
                 return StartResult(run_id=run_id, created=True)
             decided = self._answer_existing(
@@ -241,6 +244,7 @@ class Engine:
         *,
         signals: list[SignalReceived] | None = None,
         decide_first: bool = True,
+        unread: bool = False,
     ) -> str | None:
         """Insert a run row, its first events and the message asking for its first task.
 
@@ -280,7 +284,7 @@ class Engine:
         processed = length if decided else 0
         try:
             inserted = self._insert_run_row(
-                session, run, payload, length=length, processed=processed, now=now
+                session, run, payload, length=length, processed=processed, now=now, unread=unread
             )
         except BaseException:
             if decided:
@@ -325,6 +329,7 @@ class Engine:
         length: int,
         processed: int,
         now: datetime,
+        unread: bool = False,
     ) -> bool:
         """Insert the row; False, with nothing written, if an open run holds the id.
 
@@ -332,7 +337,7 @@ class Engine:
         this is always True; the commit tells.
         """
         dialect = session.get_bind().dialect.name
-        unread = dialect == "postgresql" and session.info.get(UNREAD_START)
+        unread = unread and dialect == "postgresql"
         inserted = session.execute(
             _INSERT_RUN_UNREAD if unread else _INSERT_RUN_UNLESS_OPEN.get(dialect, _INSERT_RUN),
             {
