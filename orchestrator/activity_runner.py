@@ -490,6 +490,8 @@ class ActivityRunner:
                 )
                 if run is None or activity_type is None:
                     return self._stale(run_id, activity_id, attempt)
+                # After the lock wait: the events follow the last holder's in time.
+                now = engine.clock()
                 # A run that closed while this ran (terminated, say) keeps the
                 # record but gets nothing after its closing event.
                 appended = run.is_open
