@@ -29,6 +29,7 @@ from orchestrator import messages
 from orchestrator.dead_letters import COMPENSATION_DEAD_LETTER_QUEUE
 from orchestrator.errors import InvalidWorkflowIdError, UnknownWorkflowTypeError
 from orchestrator.flower import task_kwargsrepr
+from orchestrator.task_events import TaskEvents, events_follower
 from outbox.errors import PublishError
 from outbox.message import OutboxMessage
 
@@ -86,7 +87,8 @@ def create_celery(orchestrator: Orchestrator) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
-        worker_send_task_events=True,
+        # Off, a worker sends task events once a monitor asks (see task_events).
+        worker_send_task_events=settings.task_events,
         # No task-sent events: one more publish per message on the hot path, and
         # Flower lists a task from its worker's task-received event anyway.
         task_send_sent_event=False,
@@ -136,18 +138,19 @@ def create_celery(orchestrator: Orchestrator) -> Celery:
     for defn in orchestrator.registry.activities.values():
         _register_activity(app, orchestrator, defn.name, defn.task_queue)
 
+    observers: list[TaskEvents] = []
+
     def serve_locally(sender: Any = None, **_kwargs: Any) -> None:
         # After -Q is applied and before the pool forks: the children inherit it.
         if sender is None or sender.app is not app:
             return
-        from orchestrator.task_events import TaskEvents
-
         celery_app: Celery = sender.app
-        send_events = celery_app.conf.worker_send_task_events
-        observer = TaskEvents(celery_app, sender.hostname) if send_events else None
+        observer = TaskEvents(celery_app, sender.hostname, on=bool(sender.task_events))
+        observers[:] = [observer]
         orchestrator.serve_queues_locally(celery_app.amqp.queues.consume_from, observer)
 
     worker_init.connect(serve_locally, weak=False)
+    app.steps["consumer"].add(events_follower(lambda: observers[0] if observers else None))
     return app
 
 

@@ -86,7 +86,7 @@ def _worker(args: argparse.Namespace, orchestrator: Orchestrator, out: TextIO) -
     if orchestrator.settings.embedded:
         raise ConfigurationError("a worker needs a broker: set ORCHESTRATOR_BROKER_URL")
     queues = args.queues or ",".join(queue_names(orchestrator))
-    argv = ["worker", "-Q", queues, "--loglevel", args.loglevel, "-E"]
+    argv = ["worker", "-Q", queues, "--loglevel", args.loglevel]
     if args.concurrency:
         argv += ["--concurrency", str(args.concurrency)]
     if args.pool:

@@ -81,6 +81,11 @@ class Settings(BaseSettings):
         description="Activities a worker runs in a row, without the broker, when it decides "
         "them on a queue it serves; 0 sends every activity through the broker.",
     )
+    task_events: bool = Field(
+        default=False,
+        description="Workers send Celery task events from the start; off, they send them "
+        "once a monitor asks (Flower does, every few seconds) and until they restart.",
+    )
     instance_cache_size: int = Field(
         default=1000, ge=0, description="Workflow instances a worker keeps between tasks."
     )

@@ -338,6 +338,8 @@ def flower(processes: Processes, module_procs: harness.ProcessGroup) -> Iterator
         return status == 200 and any(name.startswith("metrics-worker-") for name in (workers or {}))
 
     harness.wait_until(sees_the_worker, 60, "Flower to see the worker", interval=1.0)
+    # Workers send task events once a monitor asks: Flower does every five seconds.
+    processes.worker.wait_for_log("task events on", timeout=30)
     yield port
 
 
