@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Executable, bindparam, insert, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from activities.context import ActivityInfo
@@ -33,7 +34,16 @@ from activities.execution import Outcome, execute
 from activities.failure import Failure
 from activities.retry import RetryPolicy
 from orchestrator import messages, metrics
-from orchestrator.db import as_utc, commit, once_more_on_disconnect, pipelined, read_together
+from orchestrator.db import (
+    abandon_pipeline,
+    as_utc,
+    check_refused,
+    commit,
+    once_more_on_disconnect,
+    pipelined,
+    queue_checks,
+    read_together,
+)
 from orchestrator.history import ActivityCompleted, ActivityFailed, ActivityScheduled
 from orchestrator.runs import (
     LOAD_HISTORY,
@@ -41,6 +51,7 @@ from orchestrator.runs import (
     PREFETCHED_HISTORY,
     LockedRun,
     history_from,
+    known_run_check,
     lock_run,
     locked_run_from,
     save_run,
@@ -104,6 +115,20 @@ _COMPLETE_ATTEMPT = (
     )
     .values(status="COMPLETED", closed_at=bindparam("b_now"), deadline_at=None)
     .returning(activity_tasks.c.activity_type)
+)
+
+# The same close, as a check (see queue_checks): it refuses, with a division by
+# zero, an outcome that is stale.
+_COMPLETE_OR_REFUSE = text(
+    """
+    WITH closed AS (
+      UPDATE activity_tasks SET status = 'COMPLETED', closed_at = :b_now, deadline_at = NULL
+      WHERE run_id = :b_run_id AND activity_id = :b_activity_id
+        AND attempt = :b_attempt AND status = 'STARTED'
+      RETURNING 1
+    )
+    SELECT 1 / count(*) AS completed FROM closed
+    """
 )
 
 
@@ -330,9 +355,7 @@ class ActivityRunner:
         if observer is not None:
             observer.finished(info, outcome.failure, runtime)
         crash_point("activity.executed")
-        return self._finish(
-            info.run_id, info.activity_id, info.attempt, outcome, eager_allowed=eager_allowed
-        )
+        return self._finish(info, outcome, eager_allowed=eager_allowed)
 
     @once_more_on_disconnect
     def _claim(self, run_id: str, activity_id: str, attempt: int) -> ClaimedAttempt | None:
@@ -471,16 +494,19 @@ class ActivityRunner:
 
     @once_more_on_disconnect
     def _finish(
-        self,
-        run_id: str,
-        activity_id: str,
-        attempt: int,
-        outcome: Outcome,
-        *,
-        eager_allowed: bool,
+        self, info: ActivityInfo, outcome: Outcome, *, eager_allowed: bool
     ) -> ClaimedAttempt | None:
         """Record an attempt's outcome; the next attempt claimed here, if any."""
         engine = self.engine
+        run_id, activity_id, attempt = info.run_id, info.activity_id, info.attempt
+        if outcome.failure is None:
+            known = engine.cache.known_run(run_id)
+            if known is not None:
+                recorded, next_claim = self._complete_known_run(
+                    known, info, outcome, eager_allowed=eager_allowed
+                )
+                if recorded:
+                    return next_claim
         with engine.sessions() as session, pipelined(session):
             session.info[EAGER_ALLOWED] = eager_allowed
             now = engine.clock()
@@ -519,6 +545,59 @@ class ActivityRunner:
             engine.commit(session)
             claim: ClaimedAttempt | None = session.info.pop(EAGER_CLAIM, None)
             return claim
+
+    def _complete_known_run(
+        self, run: LockedRun, info: ActivityInfo, outcome: Outcome, *, eager_allowed: bool
+    ) -> tuple[bool, ClaimedAttempt | None]:
+        """Record a result in one round trip, deciding before the run is read.
+
+        ``run`` is the run as this process last committed it, and its cached
+        instance has applied all of it: while the row is still so, the careful
+        path would read nothing else. Two checks go first, each a statement of
+        its own: one locks the row if it is unchanged, the other closes the
+        attempt if it is still current and running. If either refuses (someone
+        else changed the run, or the outcome is stale), nothing of the
+        transaction stays and this returns False: the caller records the
+        outcome the careful way.
+        """
+        engine = self.engine
+        now = engine.clock()
+        complete = {
+            "b_run_id": run.run_id,
+            "b_activity_id": info.activity_id,
+            "b_attempt": info.attempt,
+            "b_now": now,
+        }
+        with engine.sessions() as session, pipelined(session):
+            try:
+                checks = [known_run_check(run), (_COMPLETE_OR_REFUSE, complete)]
+                if not queue_checks(session, checks):
+                    return False, None
+                session.info[EAGER_ALLOWED] = eager_allowed
+                run.append(
+                    ActivityCompleted(
+                        activity_id=info.activity_id,
+                        activity_type=info.activity_type,
+                        attempt=info.attempt,
+                        result=outcome.result,
+                    )
+                )
+                engine.after_result(session, run, now)
+                engine.commit(session)
+            except DBAPIError as exc:
+                # A refusal comes out wherever the driver reads it: at a later
+                # statement, a read, or the commit.
+                if not check_refused(exc):
+                    raise
+                abandon_pipeline(session)
+                engine.discard(session)
+                log.debug(
+                    "run changed since this worker recorded it; reading it again",
+                    extra={"run_id": run.run_id, "activity_id": info.activity_id},
+                )
+                return False, None
+            claim: ClaimedAttempt | None = session.info.pop(EAGER_CLAIM, None)
+            return True, claim
 
     def _lock_and_complete(
         self, session: Session, run_id: str, activity_id: str, attempt: int, now: datetime

@@ -297,6 +297,44 @@ def read_together(
     return rows
 
 
+def queue_checks(session: Session, checks: Sequence[tuple[Executable, Mapping[str, Any]]]) -> bool:
+    """Queue statements whose rows nobody reads; False, with nothing run, outside a pipeline.
+
+    A check refuses by raising in the database (a division by zero, see
+    :func:`check_refused`). Its error, like any queued statement's, comes out
+    at the next sync (a read or the commit) and the transaction is lost, with
+    everything queued after the check.
+    """
+    entry: _Open | None = session.info.get(_PIPELINE)
+    if entry is None:
+        return False
+    dialect = session.get_bind().dialect
+    with _translated_errors(session):
+        for statement, params in checks:
+            compiled = _compiled(statement, dialect)
+            entry.driver.execute(compiled.string, compiled.construct_params(dict(params)))
+    return True
+
+
+def check_refused(exc: DBAPIError) -> bool:
+    """Whether ``exc`` is a check of :func:`queue_checks` refusing (SQLSTATE 22012)."""
+    return getattr(exc.orig, "sqlstate", None) == "22012"
+
+
+def abandon_pipeline(session: Session) -> None:
+    """Leave the pipeline of a transaction a refusing check has lost, without a word.
+
+    The statements queued after the check fail with it; leaving pipeline mode
+    reports them again, and nothing is to be learned from that.
+    """
+    entry: _Open | None = session.info.pop(_PIPELINE, None)
+    if entry is None:
+        return
+    entry.forget()
+    with contextlib.suppress(session.get_bind().dialect.loaded_dbapi.Error):
+        entry.manager.__exit__(None, None, None)
+
+
 _COMPILED: dict[tuple[int, str], tuple[Executable, Any]] = {}
 
 
@@ -310,20 +348,27 @@ def _compiled(statement: Executable, dialect: Any) -> Any:
     return cached[1]
 
 
-def commit(session: Session) -> None:
+def commit(session: Session, *, committed: Callable[[], None] | None = None) -> None:
     """Commit; inside :func:`pipelined`, the COMMIT joins the pending writes.
 
     The COMMIT is queued behind the writes and leaving pipeline mode sends them
     all with one sync (an error of any of them is raised here). Then
     SQLAlchemy's own commit finds nothing left to commit, runs its hooks (the
     outbox publishes) and returns the connection to the pool, never in
-    pipeline mode.
+    pipeline mode. ``committed`` runs once the database has committed: in a
+    pipeline before those hooks, so before anyone hears of the commit;
+    elsewhere after them.
     """
     entry = session.info.pop(_PIPELINE, None)
     if entry is not None:
         with _translated_errors(session):
             _commit_pipeline(entry)
+        if committed is not None:
+            committed()
+            committed = None
     session.commit()
+    if committed is not None:
+        committed()
 
 
 def _commit_pipeline(entry: _Open) -> None:

@@ -75,6 +75,7 @@ from orchestrator.runs import (
     load_history,
     lock_run,
     save_run,
+    snapshot,
 )
 from orchestrator.schema import activity_tasks, workflow_runs
 from orchestrator.settings import Settings
@@ -304,8 +305,8 @@ class Engine:
             # The next step runs in a worker; the starting process keeps no instance
             # (one that hit the history limit was closed and never registered).
             registered = session.info.get("instances", [])
-            if instance in registered:
-                registered.remove(instance)
+            for entry in [entry for entry in registered if entry[0] is instance]:
+                registered.remove(entry)
                 instance.close()
         else:
             save_run(session, run, now)
@@ -558,7 +559,7 @@ class Engine:
             )
         if outgoing is None and sending:
             self.outbox.add(session, sending)
-        session.info.setdefault("instances", []).append(instance)
+        session.info.setdefault("instances", []).append((instance, run))
 
     def _fail_on_history_limit(self, session: Session, run: LockedRun, now: datetime) -> None:
         limit = self.settings.max_history_events
@@ -803,10 +804,20 @@ class Engine:
     def commit(self, session: Session) -> None:
         """Commit and hand the instances this transaction advanced back to the cache."""
         instances = session.info.pop("instances", [])
-        commit(session)
+
+        def cache_instances() -> None:
+            # Before the messages go out: the next step may come back here at once.
+            for instance, run in instances:
+                instance.known_run = snapshot(run)
+                self.cache.put(instance)
+
+        commit(session, committed=cache_instances)
         metrics.flush(session)
-        for instance in instances:
-            self.cache.put(instance)
+
+    def discard(self, session: Session) -> None:
+        """Close the instances a transaction advanced that will not commit."""
+        for instance, _run in session.info.pop("instances", []):
+            instance.close()
 
     # ------------------------------------------------- events from outside a run
     def _open_run(self, session: Session, run_id: str, *, follow: bool = False) -> LockedRun:

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from activities.errors import ApplicationError
 from activities.failure import Failure
@@ -57,6 +57,9 @@ from orchestrator.history import (
     WorkflowTerminated,
 )
 from orchestrator.loop import DeterministicLoop
+
+if TYPE_CHECKING:
+    from orchestrator.runs import LockedRun
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,9 @@ class WorkflowInstance:
         self.defaults = defaults
         self.loop = DeterministicLoop(self)  # type: ignore[abstract]
         self.applied_seq = 0
+        # The run row as the last transaction of this process that advanced
+        # this instance committed it (set by the engine; see InstanceCache.known_run).
+        self.known_run: LockedRun | None = None
         self.is_replaying = False
         self.closed = False
         self.random = random.Random(0)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ClauseElement
 
@@ -97,6 +97,37 @@ LOAD_HISTORY = (
 PREFETCHED_HISTORY = "prefetched_history"
 # The SET clause comes from the parameters' names.
 _UPDATE_RUN = update(workflow_runs).where(workflow_runs.c.run_id == bindparam("b_run_id"))
+
+
+# Locks the run if it is still as ``known`` (see known_run_check) and refuses,
+# with a division by zero, if it is not: someone else changed it since.
+_RUN_UNCHANGED = text(
+    """
+    SELECT 1 / count(*) AS unchanged FROM (
+      SELECT 1 FROM workflow_runs
+      WHERE run_id = :b_run_id AND status = :b_status
+        AND history_length = :b_length AND processed_seq = :b_processed
+        AND NOT paused AND cancel_requested = :b_cancel AND task_failure IS NULL
+      FOR UPDATE
+    ) AS held
+    """
+)
+
+
+def snapshot(run: LockedRun) -> LockedRun:
+    """A copy of a saved run, as it stands in the database after the commit."""
+    return replace(run, changes={}, stored={}, appended=[])
+
+
+def known_run_check(run: LockedRun) -> tuple[Any, dict[str, Any]]:
+    """The check that locks ``run``'s row if it is still as this process left it."""
+    return _RUN_UNCHANGED, {
+        "b_run_id": run.run_id,
+        "b_status": run.status.value,
+        "b_length": run.history_length,
+        "b_processed": run.processed_seq,
+        "b_cancel": run.cancel_requested,
+    }
 
 
 def locked_run_from(row: Any) -> LockedRun:
@@ -192,6 +223,25 @@ class InstanceCache:
     def __contains__(self, run_id: str) -> bool:
         with self._lock:
             return run_id in self._items
+
+    def known_run(self, run_id: str) -> LockedRun | None:
+        """The run as this process last committed it, if its cached instance is up to date.
+
+        Only for a run whose next step needs nothing but a new result: open, not
+        paused, no recorded task failure, every event processed.
+        """
+        with self._lock:
+            instance = self._items.get(run_id)
+            known = None if instance is None else instance.known_run
+            if (
+                known is None
+                or not known.is_open
+                or known.paused
+                or known.has_task_failure
+                or not known.processed_seq == known.history_length == instance.applied_seq  # type: ignore[union-attr]
+            ):
+                return None
+            return snapshot(known)
 
     def take(self, run_id: str) -> WorkflowInstance | None:
         with self._lock:

@@ -21,6 +21,7 @@ from orchestrator import (
     workflow,
 )
 from orchestrator import db as orchestrator_db
+from orchestrator.activity_runner import ActivityRunner
 from orchestrator.db import (
     commit,
     create_db_engine,
@@ -416,3 +417,191 @@ def test_a_start_commits_without_reading_its_insert_and_a_taken_id_still_fails(
         first.result(timeout=20)
     finally:
         orchestrator.close()
+
+
+# ------------------------------------------- results of runs a worker already knows
+class KnownRunSpy:
+    """What each try to record a result without reading the run returned, in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.recorded: list[bool] = []
+        self.stale: list[str] = []
+        original = ActivityRunner._complete_known_run
+        original_stale = ActivityRunner._stale
+
+        def spied(runner: ActivityRunner, *args: Any, **kwargs: Any) -> Any:
+            recorded, claim = original(runner, *args, **kwargs)
+            self.recorded.append(recorded)
+            return recorded, claim
+
+        def stale(run_id: str, activity_id: str, attempt: int) -> None:
+            self.stale.append(activity_id)
+            original_stale(run_id, activity_id, attempt)
+
+        monkeypatch.setattr(ActivityRunner, "_complete_known_run", spied)
+        monkeypatch.setattr(ActivityRunner, "_stale", staticmethod(stale))
+
+
+def embedded_on_postgres(database_url: str, *workflows: Any, cache_size: int = 100) -> Any:
+    return Orchestrator(
+        workflows=list(workflows),
+        activities=[shout, signal_own_run, overtake_own_attempt],
+        settings=Settings(
+            database_url=database_url,
+            broker_url="embedded://",
+            instance_cache_size=cache_size,
+            lifecycle_events=False,
+        ),
+    )
+
+
+def event_types(handle: Any) -> list[str]:
+    return [recorded.event.TYPE for recorded in handle.history()]
+
+
+@pytest.mark.parametrize("cache_size", [100, 0])
+def test_a_result_for_a_run_the_worker_knows_is_recorded_without_reading_the_run(
+    database_url: str, cache_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = KnownRunSpy(monkeypatch)
+    orchestrator = embedded_on_postgres(database_url, ThreeSteps, cache_size=cache_size)
+    try:
+        handle = orchestrator.client().start_workflow(
+            ThreeSteps, "go", workflow_id=harness.unique("it-known")
+        )
+        assert handle.result(timeout=20) == "go!!!"
+        types = event_types(handle)
+    finally:
+        orchestrator.close()
+    # The first result reaches a worker that has not seen the run; the next two
+    # come to the instance that recorded the step before (none without a cache).
+    assert spy.recorded == ([True, True] if cache_size else [])
+    assert types == [
+        "WorkflowStarted",
+        *["ActivityScheduled", "ActivityCompleted"] * 3,
+        "WorkflowCompleted",
+    ]
+
+
+# The orchestrators of the test that runs: the embedded one that runs the
+# workflow first, another process's last. Activities reach them through this.
+CURRENT: list[Orchestrator] = []
+
+
+def elsewhere(database_url: str) -> Orchestrator:
+    """Another process's engine on the same database, with no cache of its own."""
+    return Orchestrator(
+        workflows=[ChangedMidStep],
+        activities=[shout, signal_own_run, overtake_own_attempt],
+        settings=Settings(
+            database_url=database_url,
+            broker_url=harness.BROKER_URL,
+            instance_cache_size=0,
+            lifecycle_events=False,
+            publish_after_commit=False,
+        ),
+    )
+
+
+@activity.defn(task_queue="it-known-runs")
+def signal_own_run(word: str) -> str:
+    """Changes its own run while it runs, through another process's engine."""
+    info = activity.info()
+    CURRENT[-1].client().get_handle(info.workflow_id).signal("note", "signalled")
+    return word + "?"
+
+
+@activity.defn(task_queue="it-known-runs")
+def overtake_own_attempt(word: str) -> str:
+    """Makes its own attempt stale while it runs, as a timeout and a retry would."""
+    info = activity.info()
+    with CURRENT[0].db.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE activity_tasks SET status = 'SCHEDULED', attempt = attempt + 1 "
+                "WHERE run_id = :r AND activity_id = :a"
+            ),
+            {"r": info.run_id, "a": info.activity_id},
+        )
+    return word
+
+
+@workflow.defn(name="ItChangedMidStep")
+class ChangedMidStep:
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    @workflow.signal
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    @workflow.run
+    async def run(self, step: str) -> list[str]:
+        first = await workflow.execute_activity(shout, "a")
+        second = await workflow.execute_activity(
+            signal_own_run if step == "signal" else overtake_own_attempt, first
+        )
+        return [second, *self.notes]
+
+
+def test_a_run_changed_since_the_worker_recorded_it_is_read_again(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = KnownRunSpy(monkeypatch)
+    orchestrator = embedded_on_postgres(database_url, ChangedMidStep)
+    other = elsewhere(database_url)
+    CURRENT[:] = [orchestrator, other]
+    try:
+        handle = orchestrator.client().start_workflow(
+            ChangedMidStep, "signal", workflow_id=harness.unique("it-changed")
+        )
+        assert handle.result(timeout=20) == ["a!?", "signalled"]
+        types = event_types(handle)
+    finally:
+        orchestrator.close()
+        other.close()
+        CURRENT.clear()
+    # The signal came while the second step ran: its result was refused without
+    # reading the run first, then recorded after the signal, in order.
+    assert spy.recorded == [False]
+    assert types == [
+        "WorkflowStarted",
+        "ActivityScheduled",
+        "ActivityCompleted",
+        "ActivityScheduled",
+        "SignalReceived",
+        "ActivityCompleted",
+        "WorkflowCompleted",
+    ]
+
+
+def test_a_stale_result_for_a_run_the_worker_knows_is_dropped(
+    database_url: str, db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = KnownRunSpy(monkeypatch)
+    orchestrator = embedded_on_postgres(database_url, ChangedMidStep)
+    CURRENT[:] = [orchestrator]
+    try:
+        handle = orchestrator.client().start_workflow(
+            ChangedMidStep, "overtake", workflow_id=harness.unique("it-stale")
+        )
+        harness.wait_until(lambda: spy.stale, 20, "the stale outcome to be dropped")
+        types = event_types(handle)
+    finally:
+        orchestrator.close()
+        CURRENT.clear()
+    assert spy.recorded == [False]
+    assert len(spy.stale) == 1, spy.stale
+    # Nothing of the refused transaction stayed: no result, and the attempt is
+    # still the one that overtook it.
+    assert types == [
+        "WorkflowStarted",
+        "ActivityScheduled",
+        "ActivityCompleted",
+        "ActivityScheduled",
+    ]
+    rows = harness.activity_rows(db, handle.run_id)
+    assert (rows["overtake_own_attempt"]["status"], rows["overtake_own_attempt"]["attempt"]) == (
+        "SCHEDULED",
+        2,
+    )
