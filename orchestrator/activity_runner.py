@@ -49,8 +49,9 @@ from orchestrator.runs import (
     LOAD_HISTORY,
     LOCK_RUN,
     PREFETCHED_HISTORY,
+    SELECT_RUN,
     LockedRun,
-    history_from,
+    history_rows,
     known_run_check,
     lock_run,
     locked_run_from,
@@ -370,9 +371,18 @@ class ActivityRunner:
                     "b_now": now,
                     "b_types": engine.registry.activity_types,
                 }
-                rows = read_together(session, [(_CLAIM_AT_ONCE, params)], then_commit=True)
+                reads: list[tuple[Executable, Mapping[str, Any]]] = [(_CLAIM_AT_ONCE, params)]
+                # A run this process has no instance of: its row and history come
+                # along, so that the outcome can be recorded as for a known run.
+                cold = run_id not in engine.cache and engine.settings.fast_path
+                if cold:
+                    reads.append((SELECT_RUN, {"b_run_id": run_id}))
+                    reads.append((LOAD_HISTORY, {"b_run_id": run_id, "b_after": 0}))
+                rows = read_together(session, reads, then_commit=True)
                 if rows is not None:
                     if rows[0]:
+                        if cold and rows[1]:
+                            engine.remember(locked_run_from(rows[1][0]), history_rows(rows[2]))
                         return self._claimed(rows[0][0], run_id, activity_id, attempt, now)
                     # Not claimed: the transaction below finds out why, for the log.
                     return self._claim_checked(run_id, activity_id, attempt, now)
@@ -631,11 +641,7 @@ class ActivityRunner:
         if not rows[0]:
             return None, None
         if cold:
-            events = [
-                (row["seq"], row["event_type"], row["attributes"], row["created_at"])
-                for row in rows[2]
-            ]
-            session.info[PREFETCHED_HISTORY] = (run_id, history_from(events))
+            session.info[PREFETCHED_HISTORY] = (run_id, history_rows(rows[2]))
         return locked_run_from(rows[0][0]), rows[1][0]["activity_type"] if rows[1] else None
 
     @staticmethod

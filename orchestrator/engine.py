@@ -172,6 +172,42 @@ class Engine:
             history_warn_events=settings.history_warn_events,
         )
 
+    def remember(self, run: LockedRun, history: list[RecordedEvent]) -> None:
+        """Cache an instance of ``run`` replayed from ``history``, both read just now.
+
+        Only for an open run with nothing left to process whose history is all
+        there; the row is kept as known, for the next result to be recorded
+        without reading it (see ``InstanceCache.known_run``). An instance that
+        does not replay cleanly is dropped: the careful path meets the problem
+        again and handles it.
+        """
+        if (
+            run.run_id in self.cache
+            or not run.is_open
+            or run.paused
+            or run.has_task_failure
+            or run.processed_seq != run.history_length
+            or len(history) != run.history_length
+            or not self.registry.has_workflow(run.workflow_type)
+        ):
+            return
+        instance = WorkflowInstance(
+            self.registry.workflow(run.workflow_type),
+            run_id=run.run_id,
+            workflow_id=run.workflow_id,
+            defaults=self._defaults,
+        )
+        try:
+            clean = not instance.advance(history, run.processed_seq) and not instance.closed
+        except Exception:
+            log.debug("replay ahead of a result failed", exc_info=True)
+            clean = False
+        if not clean:
+            instance.close()
+            return
+        instance.known_run = run
+        self.cache.put(instance)
+
     def serve_locally(self, queues: frozenset[str], observer: EagerObserver | None) -> None:
         """Run activities decided on ``queues`` in this process (see ``eager_queues``)."""
         self.eager_queues = queues

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -75,9 +75,9 @@ _RUN_COLUMNS = (
     workflow_runs.c.parent_close_policy,
     workflow_runs.c.task_failure.is_not(None).label("has_task_failure"),
 )
-_SELECT_RUN = select(*_RUN_COLUMNS).where(workflow_runs.c.run_id == bindparam("b_run_id"))
-LOCK_RUN = _SELECT_RUN.with_for_update()
-_LOCK_RUN_SKIP_LOCKED = _SELECT_RUN.with_for_update(skip_locked=True)
+SELECT_RUN = select(*_RUN_COLUMNS).where(workflow_runs.c.run_id == bindparam("b_run_id"))
+LOCK_RUN = SELECT_RUN.with_for_update()
+_LOCK_RUN_SKIP_LOCKED = SELECT_RUN.with_for_update(skip_locked=True)
 _INSERT_EVENTS = insert(workflow_events)
 LOAD_HISTORY = (
     select(
@@ -128,6 +128,13 @@ def known_run_check(run: LockedRun) -> tuple[Any, dict[str, Any]]:
         "b_processed": run.processed_seq,
         "b_cancel": run.cancel_requested,
     }
+
+
+def history_rows(rows: Iterable[Mapping[str, Any]]) -> list[RecordedEvent]:
+    """The events of rows of :data:`LOAD_HISTORY` read as mappings (see read_together)."""
+    return history_from(
+        (row["seq"], row["event_type"], row["attributes"], row["created_at"]) for row in rows
+    )
 
 
 def locked_run_from(row: Any) -> LockedRun:
