@@ -132,6 +132,7 @@ _COMPLETE_OR_REFUSE = text(
     """
 )
 
+_CLAIM_WITHOUT_FLUSH = text("SET LOCAL synchronous_commit TO OFF")
 
 # The claim in one statement (PostgreSQL): the attempt is marked started only
 # if it is still the current one, scheduled, and its run open and not paused,
@@ -378,6 +379,12 @@ class ActivityRunner:
                 if cold:
                     reads.append((SELECT_RUN, {"b_run_id": run_id}))
                     reads.append((LOAD_HISTORY, {"b_run_id": run_id, "b_after": 0}))
+                # The claim's commit does not wait for its flush to disk. A claim
+                # that a database crash loses was never made: the attempt is
+                # scheduled again, the result of this run of it is refused as
+                # stale, and the attempt runs again (activities run at least once).
+                # Whatever later commits durably flushes it along.
+                queue_checks(session, [(_CLAIM_WITHOUT_FLUSH, {})])
                 rows = read_together(session, reads, then_commit=True)
                 if rows is not None:
                     if rows[0]:

@@ -606,3 +606,31 @@ def test_a_stale_result_for_a_run_the_worker_knows_is_dropped(
         "SCHEDULED",
         2,
     )
+
+
+def test_only_the_claim_commits_without_waiting_for_its_flush(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    sent: list[str] = []
+    original = psycopg.Connection.execute
+
+    def spied(connection: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(str(query))
+        return original(connection, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", spied)
+    orchestrator = embedded_on_postgres(database_url, ThreeSteps)
+    try:
+        handle = orchestrator.client().start_workflow(
+            ThreeSteps, "go", workflow_id=harness.unique("it-flush")
+        )
+        assert handle.result(timeout=20) == "go!!!"
+    finally:
+        orchestrator.close()
+    # Each of the three attempts came as a message (no eager dispatch here) and
+    # was claimed; the start and the three results committed as usual.
+    flags = [statement for statement in sent if "synchronous_commit" in statement]
+    assert flags == ["SET LOCAL synchronous_commit TO OFF"] * 3
+    assert sent.count("COMMIT") >= 7
