@@ -43,6 +43,7 @@ from orchestrator.db import (
     pipelined,
     queue_checks,
     read_together,
+    write,
 )
 from orchestrator.history import ActivityCompleted, ActivityFailed, ActivityScheduled
 from orchestrator.runs import (
@@ -247,7 +248,8 @@ class ActivityRunner:
                 definition=eager,
                 payload=command.input,
             )
-        session.execute(
+        write(
+            session,
             _INSERT_ACTIVITY,
             {
                 "run_id": run.run_id,

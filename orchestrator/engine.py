@@ -34,7 +34,7 @@ from orchestrator.activity_runner import (
     ClaimedAttempt,
     EagerObserver,
 )
-from orchestrator.db import commit, once_more_on_disconnect, session_factory, utcnow
+from orchestrator.db import commit, once_more_on_disconnect, session_factory, utcnow, write
 from orchestrator.dead_letters import DeadLetters
 from orchestrator.errors import (
     HistoryLimitError,
@@ -374,29 +374,29 @@ class Engine:
         this is always True; the commit tells.
         """
         dialect = session.get_bind().dialect.name
-        unread = unread and dialect == "postgresql"
-        inserted = session.execute(
-            _INSERT_RUN_UNREAD if unread else _INSERT_RUN_UNLESS_OPEN.get(dialect, _INSERT_RUN),
-            {
-                "run_id": run.run_id,
-                "workflow_id": run.workflow_id,
-                "workflow_type": run.workflow_type,
-                "status": RunStatus.RUNNING.value,
-                "input": payload,
-                "history_length": length,
-                "processed_seq": processed,
-                "cancel_requested": False,
-                "paused": False,
-                "task_failures": 0,
-                "parent_run_id": run.parent_run_id,
-                "parent_child_id": run.parent_child_id,
-                "parent_close_policy": run.parent_close_policy,
-                "parent_notified": False,
-                "created_at": now,
-                "updated_at": now,
-            },
-        )
-        return bool(unread) or inserted.first() is not None
+        values = {
+            "run_id": run.run_id,
+            "workflow_id": run.workflow_id,
+            "workflow_type": run.workflow_type,
+            "status": RunStatus.RUNNING.value,
+            "input": payload,
+            "history_length": length,
+            "processed_seq": processed,
+            "cancel_requested": False,
+            "paused": False,
+            "task_failures": 0,
+            "parent_run_id": run.parent_run_id,
+            "parent_child_id": run.parent_child_id,
+            "parent_close_policy": run.parent_close_policy,
+            "parent_notified": False,
+            "created_at": now,
+            "updated_at": now,
+        }
+        if unread and dialect == "postgresql":
+            write(session, _INSERT_RUN_UNREAD, values)
+            return True
+        statement = _INSERT_RUN_UNLESS_OPEN.get(dialect, _INSERT_RUN)
+        return session.execute(statement, values).first() is not None
 
     def _first_decision(
         self, session: Session, run: LockedRun, now: datetime

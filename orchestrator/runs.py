@@ -18,7 +18,7 @@ from sqlalchemy import bindparam, insert, select, text, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ClauseElement
 
-from orchestrator.db import as_utc
+from orchestrator.db import as_utc, write
 from orchestrator.history import HistoryEvent, RecordedEvent, load_event
 from orchestrator.instance import WorkflowInstance
 from orchestrator.policies import RunStatus
@@ -166,7 +166,8 @@ def lock_run(session: Session, run_id: str, *, skip_locked: bool = False) -> Loc
 def save_run(session: Session, run: LockedRun, now: datetime) -> None:
     """Write the appended events and the row's changes (still inside the lock)."""
     if run.appended:
-        session.execute(
+        write(
+            session,
             _INSERT_EVENTS,
             [
                 {
@@ -187,7 +188,7 @@ def save_run(session: Session, run: LockedRun, now: datetime) -> None:
             update(workflow_runs).where(workflow_runs.c.run_id == run.run_id).values(**values)
         )
     elif not _already_stored(run.stored, values):
-        session.execute(_UPDATE_RUN, {"b_run_id": run.run_id, **values})
+        write(session, _UPDATE_RUN, {"b_run_id": run.run_id, **values})
     run.stored = {}
     run.appended.clear()
     run.changes.clear()

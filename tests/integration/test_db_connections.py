@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import harness
 import pytest
-from sqlalchemy import Engine, event, text
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Engine,
+    Integer,
+    MetaData,
+    Table,
+    bindparam,
+    event,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -29,6 +43,7 @@ from orchestrator.db import (
     pipelined,
     read_together,
     session_factory,
+    write,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -588,6 +603,9 @@ def test_a_stale_result_for_a_run_the_worker_knows_is_dropped(
         )
         harness.wait_until(lambda: spy.stale, 20, "the stale outcome to be dropped")
         types = event_types(handle)
+        rows = harness.activity_rows(db, handle.run_id)
+        # Nobody will run the overtaking attempt: the run must not outlive the test.
+        handle.terminate("test over")
     finally:
         orchestrator.close()
         CURRENT.clear()
@@ -601,7 +619,6 @@ def test_a_stale_result_for_a_run_the_worker_knows_is_dropped(
         "ActivityCompleted",
         "ActivityScheduled",
     ]
-    rows = harness.activity_rows(db, handle.run_id)
     assert (rows["overtake_own_attempt"]["status"], rows["overtake_own_attempt"]["attempt"]) == (
         "SCHEDULED",
         2,
@@ -634,3 +651,67 @@ def test_only_the_claim_commits_without_waiting_for_its_flush(
     flags = [statement for statement in sent if "synchronous_commit" in statement]
     assert flags == ["SET LOCAL synchronous_commit TO OFF"] * 3
     assert sent.count("COMMIT") >= 7
+
+
+# ------------------------------------------------------ writes straight to the driver
+DOCS = Table(
+    "it_written",
+    MetaData(),
+    Column("id", Integer, primary_key=True),
+    Column("doc", JSON),
+    Column("at", DateTime(timezone=True)),
+)
+INSERT_DOC = insert(DOCS)
+UPDATE_DOC = update(DOCS).where(DOCS.c.id == bindparam("b_id"))
+
+
+@pytest.fixture
+def docs(pooled: Engine) -> Any:
+    DOCS.drop(pooled, checkfirst=True)
+    DOCS.create(pooled)
+    yield
+    DOCS.drop(pooled)
+
+
+def test_writes_in_a_pipeline_skip_sqlalchemy_and_bind_values_as_it_does(
+    pooled: Engine, docs: Any
+) -> None:
+    seen: list[str] = []
+    event.listen(pooled, "before_cursor_execute", lambda *args: seen.append(args[2]))
+    now = datetime.now(UTC)
+    sessions = session_factory(pooled)
+    with sessions() as session, pipelined(session):
+        write(session, INSERT_DOC, [{"id": 1, "doc": {"a": [1, None]}, "at": now}])
+        write(
+            session,
+            INSERT_DOC,
+            [{"id": 2, "doc": None, "at": now}, {"id": 3, "doc": "x", "at": None}],
+        )
+        write(session, UPDATE_DOC, {"b_id": 2, "doc": {"b": True}})
+        commit(session)
+    assert seen == []
+    with sessions() as session:
+        # Outside a pipeline a write is an ordinary execution.
+        write(session, UPDATE_DOC, {"b_id": 3, "doc": {"c": 1}})
+        session.commit()
+    assert len(seen) == 1
+    with pooled.connect() as conn:
+        stored = [tuple(row) for row in conn.execute(select(DOCS).order_by(DOCS.c.id))]
+    # JSON null for a None document, as SQLAlchemy's JSON type binds it.
+    assert stored == [(1, {"a": [1, None]}, now), (2, {"b": True}, now), (3, {"c": 1}, None)]
+
+
+def test_a_failing_write_in_a_pipeline_fails_the_commit_and_writes_nothing(
+    pooled: Engine, docs: Any
+) -> None:
+    sessions = session_factory(pooled)
+    with (
+        pytest.raises(IntegrityError, match="duplicate key"),
+        sessions() as session,
+        pipelined(session),
+    ):
+        write(session, INSERT_DOC, {"id": 1, "doc": {}})
+        write(session, INSERT_DOC, {"id": 1, "doc": {}})
+        commit(session)
+    with pooled.connect() as conn:
+        assert conn.execute(select(DOCS)).all() == []
