@@ -375,12 +375,14 @@ class ActivityRunner:
                     "b_types": engine.registry.activity_types,
                 }
                 reads: list[tuple[Executable, Mapping[str, Any]]] = [(_CLAIM_AT_ONCE, params)]
-                # A run this process has no instance of: its row and history come
-                # along, so that the outcome can be recorded as for a known run.
-                cold = run_id not in engine.cache and engine.settings.fast_path
-                if cold:
+                # The run's row and the events this process's instance of it has
+                # not applied (all of them if it has none) come along, so that
+                # the outcome can be recorded as for a known run.
+                known = engine.cache.applied_seq(run_id)
+                catch_up = engine.settings.fast_path and engine.cache.enabled
+                if catch_up:
                     reads.append((SELECT_RUN, {"b_run_id": run_id}))
-                    reads.append((LOAD_HISTORY, {"b_run_id": run_id, "b_after": 0}))
+                    reads.append((LOAD_HISTORY, {"b_run_id": run_id, "b_after": known or 0}))
                 # The claim's commit does not wait for its flush to disk. A claim
                 # that a database crash loses was never made: the attempt is
                 # scheduled again, the result of this run of it is refused as
@@ -390,8 +392,10 @@ class ActivityRunner:
                 rows = read_together(session, reads, then_commit=True)
                 if rows is not None:
                     if rows[0]:
-                        if cold and rows[1]:
-                            engine.remember(locked_run_from(rows[1][0]), history_rows(rows[2]))
+                        if catch_up and rows[1]:
+                            engine.remember(
+                                locked_run_from(rows[1][0]), history_rows(rows[2]), after=known or 0
+                            )
                         return self._claimed(rows[0][0], run_id, activity_id, attempt, now)
                     # Not claimed: the transaction below finds out why, for the log.
                     return self._claim_checked(run_id, activity_id, attempt, now)

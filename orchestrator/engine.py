@@ -172,31 +172,43 @@ class Engine:
             history_warn_events=settings.history_warn_events,
         )
 
-    def remember(self, run: LockedRun, history: list[RecordedEvent]) -> None:
-        """Cache an instance of ``run`` replayed from ``history``, both read just now.
+    def remember(self, run: LockedRun, history: list[RecordedEvent], *, after: int) -> None:
+        """Bring this process's instance of ``run`` up to date, both read just now.
 
-        Only for an open run with nothing left to process whose history is all
-        there; the row is kept as known, for the next result to be recorded
-        without reading it (see ``InstanceCache.known_run``). An instance that
-        does not replay cleanly is dropped: the careful path meets the problem
-        again and handles it.
+        ``history`` holds the run's events after ``after``: the whole of it for
+        a run this process has no instance of (``after`` 0), the ones its cached
+        instance has not applied otherwise. Only for an open run with nothing
+        left to process; the row is kept as known, for the next result to be
+        recorded without reading it (see ``InstanceCache.known_run``). An
+        instance that does not replay cleanly is dropped: the careful path
+        meets the problem again and handles it.
         """
+        instance = self.cache.take(run.run_id)
+        if (instance is None) != (after == 0) or (
+            instance is not None and instance.applied_seq != after
+        ):
+            # Evicted, or moved on, since the claim looked: nothing to bring up.
+            if instance is not None:
+                self.cache.put(instance)
+            return
         if (
-            run.run_id in self.cache
-            or not run.is_open
+            not run.is_open
             or run.paused
             or run.has_task_failure
             or run.processed_seq != run.history_length
-            or len(history) != run.history_length
+            or [event.seq for event in history] != list(range(after + 1, run.history_length + 1))
             or not self.registry.has_workflow(run.workflow_type)
         ):
+            if instance is not None:
+                self.cache.put(instance)
             return
-        instance = WorkflowInstance(
-            self.registry.workflow(run.workflow_type),
-            run_id=run.run_id,
-            workflow_id=run.workflow_id,
-            defaults=self._defaults,
-        )
+        if instance is None:
+            instance = WorkflowInstance(
+                self.registry.workflow(run.workflow_type),
+                run_id=run.run_id,
+                workflow_id=run.workflow_id,
+                defaults=self._defaults,
+            )
         try:
             clean = not instance.advance(history, run.processed_seq) and not instance.closed
         except Exception:

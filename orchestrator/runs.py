@@ -232,6 +232,16 @@ class InstanceCache:
         with self._lock:
             return run_id in self._items
 
+    @property
+    def enabled(self) -> bool:
+        return self._size > 0
+
+    def applied_seq(self, run_id: str) -> int | None:
+        """How far the cached instance of ``run_id`` has applied its history; None if none."""
+        with self._lock:
+            instance = self._items.get(run_id)
+            return None if instance is None else instance.applied_seq
+
     def known_run(self, run_id: str) -> LockedRun | None:
         """The run as this process last committed it, if its cached instance is up to date.
 

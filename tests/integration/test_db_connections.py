@@ -504,10 +504,10 @@ def test_a_result_for_a_run_the_worker_knows_is_recorded_without_reading_the_run
 CURRENT: list[Orchestrator] = []
 
 
-def elsewhere(database_url: str) -> Orchestrator:
+def elsewhere(database_url: str, *workflows: Any) -> Orchestrator:
     """Another process's engine on the same database, with no cache of its own."""
     return Orchestrator(
-        workflows=[ChangedMidStep],
+        workflows=list(workflows) or [ChangedMidStep],
         activities=[shout, signal_own_run, overtake_own_attempt],
         settings=Settings(
             database_url=database_url,
@@ -715,3 +715,59 @@ def test_a_failing_write_in_a_pipeline_fails_the_commit_and_writes_nothing(
         commit(session)
     with pooled.connect() as conn:
         assert conn.execute(select(DOCS)).all() == []
+
+
+@workflow.defn(name="ItWaitsBetweenSteps")
+class WaitsBetweenSteps:
+    def __init__(self) -> None:
+        self.go = False
+
+    @workflow.signal
+    def proceed(self) -> None:
+        self.go = True
+
+    @workflow.run
+    async def run(self) -> str:
+        first = await workflow.execute_activity(shout, "a")
+        await workflow.wait_condition(lambda: self.go)
+        return str(await workflow.execute_activity(shout, first))
+
+
+def test_a_claim_brings_a_cached_instance_up_to_date_with_what_others_recorded(
+    database_url: str, db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = KnownRunSpy(monkeypatch)
+    here = embedded_on_postgres(database_url, WaitsBetweenSteps)
+    other = elsewhere(database_url, WaitsBetweenSteps)
+    workflow_id = harness.unique("it-catch-up")
+    try:
+        handle = here.client().start_workflow(WaitsBetweenSteps, workflow_id=workflow_id)
+        harness.wait_until(lambda: spy.recorded, 20, "the first result")
+        applied = here.engine.cache.applied_seq(handle.run_id)
+        assert applied == 3, applied  # started, first step scheduled and completed
+        # Another process records the signal and decides the second step; its
+        # message (left in that process's outbox) is delivered here by hand.
+        other.client().get_handle(workflow_id).signal("proceed")
+        second = harness.activity_rows(db, handle.run_id)
+        assert len(second) == 1
+        history_reads: list[Any] = []
+        read = orchestrator_db.read_together
+
+        def spy_reads(session: Session, reads: Any, **kwargs: Any) -> Any:
+            history_reads.extend(p["b_after"] for _s, p in reads if "b_after" in p)
+            return read(session, reads, **kwargs)
+
+        monkeypatch.setattr("orchestrator.activity_runner.read_together", spy_reads)
+        here.engine.activity_task(handle.run_id, "2", 1)
+        assert handle.result(timeout=20) == "a!!"
+    finally:
+        here.close()
+        other.close()
+        with db.begin() as conn:
+            conn.execute(
+                text("DELETE FROM outbox_messages WHERE aggregate_id = :w"), {"w": workflow_id}
+            )
+    # The claim read only the two events the cached instance had not applied,
+    # and the second result was recorded as for a known run.
+    assert history_reads == [3]
+    assert spy.recorded == [True, True]
