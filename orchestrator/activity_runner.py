@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -78,6 +78,9 @@ class ClaimedAttempt:
     info: ActivityInfo
     definition: ActivityDefinition
     payload: Any
+    # What the claim read of the run for its cached instance to catch up with,
+    # once the attempt has run: the run's row, its events after ``after``.
+    catch_up: tuple[Mapping[str, Any], list[dict[str, Any]], int] | None = None
 
 
 # Statements of the hot path, built once (see orchestrator.runs).
@@ -359,7 +362,22 @@ class ActivityRunner:
         if observer is not None:
             observer.finished(info, outcome.failure, runtime)
         crash_point("activity.executed")
+        if claimed.catch_up is not None:
+            self._catch_up(*claimed.catch_up)
         return self._finish(info, outcome, eager_allowed=eager_allowed)
+
+    def _catch_up(self, row: Mapping[str, Any], events: list[dict[str, Any]], after: int) -> None:
+        """Bring the cached instance up to what the claim read (see ``Engine.remember``).
+
+        After the attempt has run, not before: the replay must not use up the
+        attempt's time. Anything that goes wrong here (an event this code does
+        not know, in a rolling deploy) leaves the instance to the careful path,
+        which meets the problem again and handles it.
+        """
+        try:
+            self.engine.remember(locked_run_from(row), history_rows(events), after=after)
+        except Exception:
+            log.warning("could not catch up with the run before its outcome", exc_info=True)
 
     @once_more_on_disconnect
     def _claim(self, run_id: str, activity_id: str, attempt: int) -> ClaimedAttempt | None:
@@ -392,11 +410,10 @@ class ActivityRunner:
                 rows = read_together(session, reads, then_commit=True)
                 if rows is not None:
                     if rows[0]:
+                        claimed = self._claimed(rows[0][0], run_id, activity_id, attempt, now)
                         if catch_up and rows[1]:
-                            engine.remember(
-                                locked_run_from(rows[1][0]), history_rows(rows[2]), after=known or 0
-                            )
-                        return self._claimed(rows[0][0], run_id, activity_id, attempt, now)
+                            claimed = replace(claimed, catch_up=(rows[1][0], rows[2], known or 0))
+                        return claimed
                     # Not claimed: the transaction below finds out why, for the log.
                     return self._claim_checked(run_id, activity_id, attempt, now)
             return self._claim_checked(run_id, activity_id, attempt, now, session=session)

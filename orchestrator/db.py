@@ -335,11 +335,15 @@ def abandon_pipeline(session: Session) -> None:
         entry.manager.__exit__(None, None, None)
 
 
-_COMPILED: dict[tuple[int, str], tuple[Executable, Any]] = {}
-# Compiled writes by statement identity and parameter names: the statement, its
-# compiled form and the bind processors of its parameters (None: not for the
-# driver directly, see write).
-_WRITES: dict[tuple[int, str, tuple[str, ...]], tuple[Executable, Any, Any]] = {}
+def _statements(dialect: Any) -> dict[Any, Any]:
+    """The compiled statements of one dialect, kept on it.
+
+    An engine's own JSON serializer is part of its dialect, and the compiled
+    forms refer to it: kept on the dialect, they go when its engine goes. The
+    keys are the statements' identities, and each entry keeps its statement.
+    """
+    cache: dict[Any, Any] = dialect.__dict__.setdefault("_orchestrator_statements", {})
+    return cache
 
 
 def write(
@@ -364,9 +368,10 @@ def write(
         session.execute(statement, params)
         return
     dialect = session.get_bind().dialect
-    names = tuple(rows[0])
-    key = (id(statement), dialect.name, names)
-    cached = _WRITES.get(key)
+    names = tuple(sorted(rows[0]))
+    key = ("write", id(statement), names)
+    writes = _statements(dialect)
+    cached = writes.get(key)
     if cached is None or cached[0] is not statement:
         compiled: Any = statement.compile(dialect=dialect, column_keys=list(names))  # type: ignore[attr-defined]
         direct = not (
@@ -378,7 +383,7 @@ def write(
             or compiled.effective_returning
         )
         cached = (statement, compiled, compiled._bind_processors if direct else None)
-        _WRITES[key] = cached
+        writes[key] = cached
     compiled, processors = cached[1], cached[2]
     if processors is None:
         session.execute(statement, params)
@@ -400,11 +405,11 @@ def write(
 
 def _compiled(statement: Executable, dialect: Any) -> Any:
     # By identity: the hot path's statements are built once, at import.
-    key = (id(statement), dialect.name)
-    cached = _COMPILED.get(key)
+    compiled = _statements(dialect)
+    cached = compiled.get(id(statement))
     if cached is None or cached[0] is not statement:
         cached = (statement, statement.compile(dialect=dialect))  # type: ignore[attr-defined]
-        _COMPILED[key] = cached
+        compiled[id(statement)] = cached
     return cached[1]
 
 

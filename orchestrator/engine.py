@@ -105,6 +105,8 @@ _INSERT_RUN_UNLESS_OPEN = {
 _INSERT_RUN_UNREAD = postgresql.insert(workflow_runs).on_conflict_do_nothing()
 # The session flag of such a start.
 UNREAD_START = "unread_start"
+# The session key of the instances a transaction's decisions took or made.
+_TAKEN = "taken_instances"
 _START_ATTEMPTS = 3
 
 _CANCEL_OPEN_ACTIVITIES = (
@@ -519,10 +521,15 @@ class Engine:
         """
         defn = self.registry.workflow(run.workflow_type)
         instance = self.cache.take(run.run_id)
-        if instance is None or instance.applied_seq > run.history_length:
+        if instance is not None and instance.applied_seq > run.history_length:
+            instance.close()  # ahead of the run: advanced by a step that did not commit
+            instance = None
+        if instance is None:
             instance = WorkflowInstance(
                 defn, run_id=run.run_id, workflow_id=run.workflow_id, defaults=self._defaults
             )
+        # Closed by discard if the transaction does not commit, whatever it got to.
+        session.info.setdefault(_TAKEN, []).append(instance)
         saved = run.history_length - len(run.appended)
         history: list[RecordedEvent] = []
         if instance.applied_seq < saved:
@@ -851,21 +858,34 @@ class Engine:
 
     def commit(self, session: Session) -> None:
         """Commit and hand the instances this transaction advanced back to the cache."""
-        instances = session.info.pop("instances", [])
 
         def cache_instances() -> None:
             # Before the messages go out: the next step may come back here at once.
-            for instance, run in instances:
+            taken = session.info.pop(_TAKEN, [])
+            cached = set()
+            for instance, run in session.info.pop("instances", []):
                 instance.known_run = snapshot(run)
                 self.cache.put(instance)
+                cached.add(id(instance))
+            for instance in taken:
+                if id(instance) not in cached:
+                    instance.close()
 
-        commit(session, committed=cache_instances)
+        try:
+            commit(session, committed=cache_instances)
+        except BaseException:
+            self.discard(session)
+            raise
         metrics.flush(session)
 
-    def discard(self, session: Session) -> None:
-        """Close the instances a transaction advanced that will not commit."""
+    def discard(self, session: Session) -> int:
+        """Close the instances a transaction took or advanced that will not commit; how many."""
+        instances = {id(instance): instance for instance in session.info.pop(_TAKEN, [])}
         for instance, _run in session.info.pop("instances", []):
+            instances[id(instance)] = instance
+        for instance in instances.values():
             instance.close()
+        return len(instances)
 
     # ------------------------------------------------- events from outside a run
     def _open_run(self, session: Session, run_id: str, *, follow: bool = False) -> LockedRun:

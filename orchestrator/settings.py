@@ -83,8 +83,8 @@ class Settings(BaseSettings):
     )
     task_events: bool = Field(
         default=False,
-        description="Workers send Celery task events from the start; off, they send them "
-        "once a monitor asks (Flower does, every few seconds) and until they restart.",
+        description="Workers send Celery task events from the start; off, only after a "
+        "monitor asks (Flower does, every few seconds), until they restart or reconnect.",
     )
     instance_cache_size: int = Field(
         default=1000, ge=0, description="Workflow instances a worker keeps between tasks."

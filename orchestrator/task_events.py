@@ -16,7 +16,8 @@ logged and never stops a step.
 Task events cost the worker and the broker more than a no-op step's database
 work, so, as in Celery, they are sent only while someone watches: from the start
 with ``ORCHESTRATOR_TASK_EVENTS``, or once a monitor broadcasts
-``enable_events`` (Flower does every five seconds) until the worker restarts.
+``enable_events`` (Flower does every five seconds) until the worker restarts or
+reconnects to the broker (its consumer then starts a new event dispatcher).
 The consumer process receives that broadcast; ``EventsFollower`` copies what its
 event dispatcher then does into a flag the pool's children share.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -45,6 +46,7 @@ from orchestrator.db import (
     session_factory,
     write,
 )
+from orchestrator.instance import WorkflowInstance
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -455,6 +457,21 @@ class KnownRunSpy:
 
         monkeypatch.setattr(ActivityRunner, "_complete_known_run", spied)
         monkeypatch.setattr(ActivityRunner, "_stale", staticmethod(stale))
+        # Every workflow instance made, and those closed: none may be left open.
+        self.made: set[int] = set()
+        self.closed: set[int] = set()
+        make, close = WorkflowInstance.__init__, WorkflowInstance.close
+
+        def made(instance: WorkflowInstance, *args: Any, **kwargs: Any) -> None:
+            self.made.add(id(instance))
+            make(instance, *args, **kwargs)
+
+        def closed(instance: WorkflowInstance) -> None:
+            self.closed.add(id(instance))
+            close(instance)
+
+        monkeypatch.setattr(WorkflowInstance, "__init__", made)
+        monkeypatch.setattr(WorkflowInstance, "close", closed)
 
 
 def embedded_on_postgres(database_url: str, *workflows: Any, cache_size: int = 100) -> Any:
@@ -578,8 +595,10 @@ def test_a_run_changed_since_the_worker_recorded_it_is_read_again(
         other.close()
         CURRENT.clear()
     # The signal came while the second step ran: its result was refused without
-    # reading the run first, then recorded after the signal, in order.
+    # reading the run first, then recorded after the signal, in order; the
+    # instance that decided too early was closed, and every other one at the end.
     assert spy.recorded == [True, False]
+    assert spy.made and spy.made <= spy.closed
     assert types == [
         "WorkflowStarted",
         "ActivityScheduled",
@@ -630,14 +649,14 @@ def test_only_the_claim_commits_without_waiting_for_its_flush(
 ) -> None:
     import psycopg
 
-    sent: list[str] = []
-    original = psycopg.Connection.execute
+    sent: list[tuple[int, str]] = []
+    execute = psycopg.Cursor.execute
 
-    def spied(connection: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        sent.append(str(query))
-        return original(connection, query, *args, **kwargs)
+    def spied(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append((threading.get_ident(), str(query)))
+        return execute(cursor, query, *args, **kwargs)
 
-    monkeypatch.setattr(psycopg.Connection, "execute", spied)
+    monkeypatch.setattr(psycopg.Cursor, "execute", spied)
     orchestrator = embedded_on_postgres(database_url, ThreeSteps)
     try:
         handle = orchestrator.client().start_workflow(
@@ -647,10 +666,16 @@ def test_only_the_claim_commits_without_waiting_for_its_flush(
     finally:
         orchestrator.close()
     # Each of the three attempts came as a message (no eager dispatch here) and
-    # was claimed; the start and the three results committed as usual.
-    flags = [statement for statement in sent if "synchronous_commit" in statement]
-    assert flags == ["SET LOCAL synchronous_commit TO OFF"] * 3
-    assert sent.count("COMMIT") >= 7
+    # was claimed right after the flag; the start and the results commit as usual.
+    claims = [(thread, sql) for thread, sql in sent if "UPDATE activity_tasks AS a" in sql]
+    flags = [(thread, sql) for thread, sql in sent if "synchronous_commit" in sql]
+    assert len(claims) == 3
+    assert {statement for _thread, statement in flags} == {"SET LOCAL synchronous_commit TO OFF"}
+    for thread, claim in claims:
+        # In each claiming thread, the flag comes right before the claim.
+        own = [statement for other, statement in sent if other == thread]
+        assert own[own.index(claim) - 1] == "SET LOCAL synchronous_commit TO OFF"
+    assert len(flags) == 3
 
 
 # ------------------------------------------------------ writes straight to the driver
@@ -673,32 +698,50 @@ def docs(pooled: Engine) -> Any:
     DOCS.drop(pooled)
 
 
+def stored_docs(engine: Engine) -> list[tuple[Any, ...]]:
+    """Each row with its document as text: a JSON null and a SQL NULL differ there."""
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, doc::text, at FROM it_written ORDER BY id"))
+        return [tuple(row) for row in rows]
+
+
 def test_writes_in_a_pipeline_skip_sqlalchemy_and_bind_values_as_it_does(
     pooled: Engine, docs: Any
 ) -> None:
     seen: list[str] = []
     event.listen(pooled, "before_cursor_execute", lambda *args: seen.append(args[2]))
     now = datetime.now(UTC)
+    rows = [
+        {"id": 1, "doc": {"a": [1, None]}, "at": now},
+        {"id": 2, "doc": None, "at": None},
+        {"id": 3, "doc": "x", "at": now},
+        {"id": 4, "doc": [], "at": now},
+    ]
     sessions = session_factory(pooled)
+    # The same rows the usual way, as the reference: in another table's place.
+    with sessions() as session:
+        session.execute(INSERT_DOC, rows)
+        session.execute(UPDATE_DOC, {"b_id": 4, "doc": {"b": True}})
+        session.commit()
+    expected = stored_docs(pooled)
+    with pooled.begin() as conn:
+        conn.execute(DOCS.delete())
+    seen.clear()
     with sessions() as session, pipelined(session):
-        write(session, INSERT_DOC, [{"id": 1, "doc": {"a": [1, None]}, "at": now}])
-        write(
-            session,
-            INSERT_DOC,
-            [{"id": 2, "doc": None, "at": now}, {"id": 3, "doc": "x", "at": None}],
-        )
-        write(session, UPDATE_DOC, {"b_id": 2, "doc": {"b": True}})
+        write(session, INSERT_DOC, rows[:1])
+        write(session, INSERT_DOC, rows[1:])
+        write(session, UPDATE_DOC, {"b_id": 4, "doc": {"b": True}})
         commit(session)
     assert seen == []
+    assert stored_docs(pooled) == expected
+    assert expected[1] == (2, "null", None)  # Python None is a JSON null, as SQLAlchemy binds it
+    seen.clear()
     with sessions() as session:
         # Outside a pipeline a write is an ordinary execution.
         write(session, UPDATE_DOC, {"b_id": 3, "doc": {"c": 1}})
         session.commit()
     assert len(seen) == 1
-    with pooled.connect() as conn:
-        stored = [tuple(row) for row in conn.execute(select(DOCS).order_by(DOCS.c.id))]
-    # JSON null for a None document, as SQLAlchemy's JSON type binds it.
-    assert stored == [(1, {"a": [1, None]}, now), (2, {"b": True}, now), (3, {"c": 1}, None)]
+    assert stored_docs(pooled)[2] == (3, '{"c": 1}', now)
 
 
 def test_a_failing_write_in_a_pipeline_fails_the_commit_and_writes_nothing(
