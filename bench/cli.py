@@ -24,7 +24,15 @@ from typing import Any
 
 from bench.context import BenchError, Context, Options
 from bench.infra import Postgres, Rabbit, busy_processes, machine_info, stop_everything
-from bench.report import comparison_table, cpu_table, ratio_lines, ratios, scale_table
+from bench.report import (
+    comparison_table,
+    cpu_table,
+    median_ratios,
+    ratio_lines,
+    ratios,
+    round_lines,
+    scale_table,
+)
 from bench.stats import say
 
 SYSTEMS = ("ours", "celery", "dbos")
@@ -111,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave the benchmark's databases in place for inspection (names on stderr)",
     )
     parser.add_argument(
+        "--rounds",
+        type=_positive,
+        default=1,
+        help="measure the systems this many times, every other round in reverse order, and "
+        "judge the targets by the median of each ratio (default 1)",
+    )
+    parser.add_argument(
         "--wait-quiet",
         type=float,
         default=0.0,
@@ -118,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="first wait up to this long for a quiet machine (load average under 1)",
     )
     return parser
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
 
 
 def parse_only(value: str) -> tuple[str, ...]:
@@ -190,12 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         document["calibration"] = {
             "postgres_commits_per_second": round(ctx.postgres.commit_rate(), 1)
         }
-        results: dict[str, Any] = {}
-        for name in options.only:
-            results[name] = _measure(name, ctx)
-            failed |= "error" in results[name]
-        document["results"] = results
-        document["ratios"] = ratios(results)
+        rounds = _compare(ctx, args.rounds)
+        failed |= any("error" in r for entry in rounds for r in entry["results"].values())
+        document["results"] = rounds[-1]["results"]
+        document["ratios"] = median_ratios([entry["ratios"] for entry in rounds])
+        if len(rounds) > 1:
+            document["rounds"] = rounds
         if options.scale:
             from bench import scale
 
@@ -225,6 +247,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 QUIET_LOAD = 1.0
+
+
+def _compare(ctx: Context, count: int) -> list[dict[str, Any]]:
+    """Measure the systems ``count`` times; each round's order, results and ratios.
+
+    The machine's speed drifts within minutes (a VM's neighbours), so every
+    other round runs the systems in reverse order, and the targets are judged
+    by the median of each ratio.
+    """
+    only = ctx.options.only
+    rounds: list[dict[str, Any]] = []
+    for index in range(count):
+        order = only if index % 2 == 0 else tuple(reversed(only))
+        if count > 1:
+            say(f"=== round {index + 1} of {count}: {', '.join(order)}")
+        measured = {name: _measure(name, ctx) for name in order}
+        results = {name: measured[name] for name in only}
+        rounds.append({"order": list(order), "results": results, "ratios": ratios(results)})
+    return rounds
 
 
 def _wait_quiet(seconds: float) -> list[str]:
@@ -290,7 +331,12 @@ def _print(document: dict[str, Any]) -> None:
             f"{options['workers']} workers each; latency in ms (client-observed; srv = the "
             f"run's own timestamps)\n\n"
         )
+        rounds = document.get("rounds") or []
+        if rounds:
+            out.write(round_lines(rounds) + "\n\nthe last round:\n")
         out.write(comparison_table(results) + "\n\n")
+        if rounds:
+            out.write(f"ratios: the median of {len(rounds)} rounds\n")
         out.write(ratio_lines(document["ratios"]) + "\n")
         cpu = cpu_table(results)
         if cpu:

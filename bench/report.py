@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 # Targets are reported, never asserted.
@@ -49,6 +50,10 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         "memory_vs_celery": ratio(_get(ours, "peak_worker_mb"), _get(celery, "peak_worker_mb")),
         "memory_vs_dbos": ratio(_get(ours, "peak_worker_mb"), _get(dbos, "peak_worker_mb")),
     }
+    return {"values": found, "targets": TARGETS, "meets": _verdicts(found)}
+
+
+def _verdicts(found: dict[str, float | None]) -> dict[str, bool | None]:
     verdicts: dict[str, bool | None] = {}
     for name, target in TARGETS.items():
         value = found.get(name)
@@ -58,7 +63,40 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
             verdicts[name] = value <= target
         else:
             verdicts[name] = value >= target
-    return {"values": found, "targets": TARGETS, "meets": verdicts}
+    return verdicts
+
+
+def median_ratios(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each ratio over rounds of :func:`ratios`, judged against the targets."""
+    if len(rounds) == 1:
+        return rounds[0]
+    found: dict[str, float | None] = {}
+    for name in rounds[0]["values"]:
+        values = sorted(v for entry in rounds if (v := entry["values"].get(name)) is not None)
+        found[name] = statistics.median(values) if values else None
+    return {"values": found, "targets": TARGETS, "meets": _verdicts(found)}
+
+
+def round_lines(rounds: list[dict[str, Any]]) -> str:
+    """One line per round: each system's throughput and p50, and the target ratios."""
+    lines = []
+    for index, entry in enumerate(rounds, 1):
+        results, values = entry["results"], entry["ratios"]["values"]
+        systems = "; ".join(
+            f"{name} {_num(_get(result, 'throughput', 'per_second'))}/s "
+            f"p50 {_num(_get(result, 'sequential', 'client_ms', 'p50'))} ms"
+            for name, result in results.items()
+        )
+        shown = ", ".join(
+            f"{label} {_num(values.get(name), 2)}x"
+            for name, label in (
+                ("throughput_vs_celery", "tp/chain"),
+                ("throughput_vs_dbos", "tp/dbos"),
+                ("p50_vs_dbos", "p50/dbos"),
+            )
+        )
+        lines.append(f"round {index} ({', '.join(entry['order'])}): {systems}; {shown}")
+    return "\n".join(lines)
 
 
 def comparison_table(results: dict[str, Any]) -> str:

@@ -1,0 +1,58 @@
+"""The benchmark's verdicts: the median of each ratio over rounds, judged against the targets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.cli import build_parser
+from bench.report import median_ratios, ratios, round_lines
+
+
+def system(per_second: float, p50: float) -> dict[str, Any]:
+    return {"throughput": {"per_second": per_second}, "sequential": {"client_ms": {"p50": p50}}}
+
+
+def one_round(ours: float, celery: float, dbos: float, p50s: tuple[float, float]) -> dict[str, Any]:
+    results = {
+        "ours": system(ours, p50s[0]),
+        "celery": system(celery, 5.0),
+        "dbos": system(dbos, p50s[1]),
+    }
+    return {"order": list(results), "results": results, "ratios": ratios(results)}
+
+
+def test_the_targets_are_judged_by_the_median_of_each_ratio() -> None:
+    rounds = [
+        one_round(100, 200, 40, (10.0, 10.0)),  # 2.5x dbos, p50 1.0x
+        one_round(100, 100, 60, (12.0, 10.0)),  # 1.67x dbos, p50 1.2x
+        one_round(100, 50, 45, (9.0, 10.0)),  # 2.22x dbos, 2.0x chain, p50 0.9x
+    ]
+    median = median_ratios([entry["ratios"] for entry in rounds])
+    assert median["values"]["throughput_vs_celery"] == pytest.approx(1.0)
+    assert median["values"]["throughput_vs_dbos"] == pytest.approx(100 / 45)
+    assert median["values"]["p50_vs_dbos"] == pytest.approx(1.0)
+    assert median["meets"] == {
+        "throughput_vs_celery": True,
+        "throughput_vs_dbos": True,
+        "p50_vs_dbos": True,
+    }
+    lines = round_lines(rounds).splitlines()
+    assert len(lines) == 3
+    assert lines[1].startswith("round 2 (ours, celery, dbos): ours 100.0/s p50 12.0 ms")
+    assert lines[1].endswith("tp/chain 1.00x, tp/dbos 1.67x, p50/dbos 1.20x")
+
+
+def test_one_round_is_its_own_verdict_and_a_missing_system_judges_nothing() -> None:
+    single = one_round(100, 200, 40, (10.0, 10.0))["ratios"]
+    assert median_ratios([single]) is single
+    results = {"ours": system(100, 10.0)}
+    assert ratios(results)["meets"]["throughput_vs_dbos"] is None
+
+
+def test_rounds_must_be_at_least_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--rounds", "0"])
+    assert "must be at least 1, got 0" in capsys.readouterr().err
+    assert build_parser().parse_args(["--rounds", "3"]).rounds == 3
