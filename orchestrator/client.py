@@ -74,6 +74,11 @@ class RunDescription:
         }
 
 
+# The pauses of WorkflowHandle.result's polling, growing by half each time.
+_FIRST_POLL = 0.002
+_LAST_POLL = 0.25
+
+
 class Client:
     """Starts workflows and hands out handles to runs. Get one from ``Orchestrator.client()``."""
 
@@ -306,7 +311,9 @@ class WorkflowHandle:
         Raises ResultTimeoutError if it is still open after ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.01
+        # Short first: a run of a few quick steps closes within milliseconds, and
+        # a poll is one indexed read; a long run is soon polled four times a second.
+        pause = _FIRST_POLL
         orchestrator = self._client._orchestrator
         # A time-skipping test environment moves the clock only while someone waits.
         orchestrator.waiting_for_results += 1
@@ -321,7 +328,7 @@ class WorkflowHandle:
                         f"after {timeout}s"
                     )
                 time.sleep(pause)
-                pause = min(pause * 1.5, 0.25)
+                pause = min(pause * 1.5, _LAST_POLL)
         finally:
             orchestrator.waiting_for_results -= 1
         if description.status is RunStatus.CONTINUED_AS_NEW:

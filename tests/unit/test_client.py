@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import threading
 from typing import Any
 
 import pytest
@@ -152,3 +154,30 @@ def test_cancel_of_a_closed_run_is_refused(orchestrator: Any) -> None:
     assert handle.describe().status is RunStatus.COMPLETED
     with pytest.raises(RunClosedError):
         handle.cancel()
+
+
+def test_result_polls_soon_then_less_and_less_often(
+    orchestrator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator import client as client_module
+
+    handle = orchestrator.client().start_workflow(
+        Pipeline, [Job(name="slow", sleep_first_attempt=1.0)], workflow_id="polled"
+    )
+    pauses: list[float] = []
+    sleep = client_module.time.sleep
+
+    polling = threading.get_ident()
+
+    def recorded(seconds: float) -> None:
+        if threading.get_ident() == polling:  # not the activity's own sleep
+            pauses.append(seconds)
+        sleep(seconds)
+
+    monkeypatch.setattr(client_module.time, "sleep", recorded)
+    handle.result(timeout=10)
+    # A quick run is seen within milliseconds; a slow one is polled ever less,
+    # at most four times a second.
+    assert pauses[:3] == pytest.approx([0.002, 0.003, 0.0045])
+    assert all(later >= earlier for earlier, later in itertools.pairwise(pauses))
+    assert max(pauses) == 0.25
