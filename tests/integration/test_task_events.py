@@ -9,7 +9,6 @@ few seconds.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,7 +95,12 @@ def test_task_events_start_when_a_monitor_asks_and_cover_eager_attempts(
 
     # Unwatched: the worker runs a whole order and says nothing about its tasks.
     fulfil(orchestrator, db)
-    time.sleep(1.5)  # events are buffered briefly before they leave
+    # Task events wait in the consumer's buffer for at most a turn of its loop;
+    # a heartbeat sent after the order closed comes after any of them.
+    beats = len(watcher.of(hostname, "worker-heartbeat"))
+    harness.wait_until(
+        lambda: len(watcher.of(hostname, "worker-heartbeat")) > beats, 10, "a later heartbeat"
+    )
     assert watcher.of(hostname, "task-") == []
 
     replies = orchestrator.celery.control.enable_events(destination=[hostname], reply=True)
