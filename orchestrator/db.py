@@ -155,6 +155,30 @@ class CoreSession(Session):
             )
         return self.connection().execute(statement, params)
 
+    def close(self) -> None:
+        # Whatever a transaction's work registered to be let go of (see on_close).
+        finalizers = self.info.pop(_ON_CLOSE, None)
+        try:
+            super().close()
+        finally:
+            for finalize in finalizers or ():
+                finalize(self)
+
+
+_ON_CLOSE = "orchestrator.on_close"
+
+
+def on_close(session: Session, finalize: Callable[[Session], object]) -> None:
+    """Have ``finalize(session)`` run when ``session`` closes, however its work ended.
+
+    For state a transaction holds outside the database (workflow instances it
+    took from a cache): a commit hands it on and clears it, and whatever is
+    left when the session closes is let go of.
+    """
+    finalizers: list[Callable[[Session], object]] = session.info.setdefault(_ON_CLOSE, [])
+    if finalize not in finalizers:
+        finalizers.append(finalize)
+
 
 _PIPELINE = "orchestrator.pipeline"
 
@@ -343,7 +367,14 @@ def _statements(dialect: Any) -> dict[Any, Any]:
     keys are the statements' identities, and each entry keeps its statement.
     """
     cache: dict[Any, Any] = dialect.__dict__.setdefault("_orchestrator_statements", {})
+    if len(cache) > _STATEMENTS_KEPT:
+        # Only module constants belong here; a statement built per call would
+        # otherwise grow this without end. Compiling again is all it costs.
+        cache.clear()
     return cache
+
+
+_STATEMENTS_KEPT = 1000
 
 
 def write(

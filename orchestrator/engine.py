@@ -34,7 +34,14 @@ from orchestrator.activity_runner import (
     ClaimedAttempt,
     EagerObserver,
 )
-from orchestrator.db import commit, once_more_on_disconnect, session_factory, utcnow, write
+from orchestrator.db import (
+    commit,
+    on_close,
+    once_more_on_disconnect,
+    session_factory,
+    utcnow,
+    write,
+)
 from orchestrator.dead_letters import DeadLetters
 from orchestrator.errors import (
     HistoryLimitError,
@@ -530,6 +537,7 @@ class Engine:
             )
         # Closed by discard if the transaction does not commit, whatever it got to.
         session.info.setdefault(_TAKEN, []).append(instance)
+        on_close(session, self.discard)
         saved = run.history_length - len(run.appended)
         history: list[RecordedEvent] = []
         if instance.applied_seq < saved:

@@ -328,7 +328,9 @@ class WorkflowInstance:
         self.applied_seq += commands
 
     def close(self) -> None:
-        """Drop the instance: cancel what is left so nothing lingers in memory."""
+        """Drop the instance: cancel what is left so nothing lingers in memory. Once."""
+        if self.loop.is_closed():
+            return  # a second cancel would run the code's teardown again
         if self._main is not None and not self._main.done():
             self._main.cancel()
             # The code may raise while being torn down; it is gone anyway.

@@ -9,6 +9,7 @@ few seconds.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -95,11 +96,16 @@ def test_task_events_start_when_a_monitor_asks_and_cover_eager_attempts(
 
     # Unwatched: the worker runs a whole order and says nothing about its tasks.
     fulfil(orchestrator, db)
-    # Task events wait in the consumer's buffer for at most a turn of its loop;
-    # a heartbeat sent after the order closed comes after any of them.
-    beats = len(watcher.of(hostname, "worker-heartbeat"))
+    # Task events leave within milliseconds of the step they report (the pool's
+    # at the end of its chain, the consumer's at a turn of its loop): a heartbeat
+    # the worker sent a second after the order closed comes after any of them.
+    closed = time.time()
     harness.wait_until(
-        lambda: len(watcher.of(hostname, "worker-heartbeat")) > beats, 10, "a later heartbeat"
+        lambda: any(
+            e["timestamp"] > closed + 1.0 for e in watcher.of(hostname, "worker-heartbeat")
+        ),
+        15,
+        "a heartbeat sent a second after the order closed",
     )
     assert watcher.of(hostname, "task-") == []
 

@@ -20,7 +20,7 @@ from sample_workflows import (
 )
 from sqlalchemy import event, func, select
 
-from orchestrator import RunClosedError, RunStatus, WorkflowFailedError
+from orchestrator import RunClosedError, RunStatus, WorkflowFailedError, workflow
 from orchestrator.db import utcnow
 from orchestrator.schema import activity_tasks, timers
 
@@ -315,3 +315,68 @@ def test_closing_the_orchestrator_closes_the_instances_it_cached(make_orchestrat
     orchestrator.close()
     assert len(cache) == 0
     assert instance.loop.is_closed()
+
+
+def test_an_instance_a_failed_transaction_advanced_is_closed_not_cached(
+    make_orchestrator: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sample_patterns import Listener
+
+    from orchestrator.engine import Engine
+
+    orchestrator = make_orchestrator([Listener], [])
+    handle = orchestrator.client().start_workflow(Listener, workflow_id="fails-midway")
+    handle.signal("ping")
+    assert orchestrator.wait_idle(10)
+    cache = orchestrator.engine.cache
+    instance = cache.take(handle.run_id)
+    assert instance is not None
+    cache.put(instance)
+
+    def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("recording failed")
+
+    # The decision takes the instance from the cache and advances it; then the
+    # transaction fails before its commit.
+    monkeypatch.setattr(Engine, "_record", broken)
+    with pytest.raises(RuntimeError, match="recording failed"):
+        handle.signal("ping")
+    assert instance.loop.is_closed()
+    assert cache.take(handle.run_id) is None
+
+
+TEARDOWNS: list[str] = []
+
+
+@workflow.defn(name="TearsDown")
+class TearsDown:
+    @workflow.run
+    async def run(self) -> None:
+        try:
+            await workflow.wait_condition(lambda: False)
+        finally:
+            # Like a saga compensating: the teardown itself waits.
+            TEARDOWNS.append("cancelled")
+            try:
+                await workflow.wait_condition(lambda: False)
+            finally:
+                TEARDOWNS.append("cancelled again")
+
+
+def test_closing_an_instance_twice_tears_its_code_down_once(make_orchestrator: Any) -> None:
+    from orchestrator.definition import definition_of
+    from orchestrator.instance import ActivityDefaults, WorkflowInstance
+
+    handle = make_orchestrator([TearsDown], []).client().start_workflow(TearsDown)
+    instance = WorkflowInstance(
+        definition_of(TearsDown),
+        run_id=handle.run_id,
+        workflow_id=handle.workflow_id,
+        defaults=ActivityDefaults(start_to_close=60, max_payload_bytes=2**21),
+    )
+    history = handle.history()
+    assert instance.advance(history, processed_seq=history[-1].seq) == []
+    TEARDOWNS.clear()
+    instance.close()
+    instance.close()
+    assert TEARDOWNS == ["cancelled"]
