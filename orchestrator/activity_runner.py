@@ -369,8 +369,9 @@ class ActivityRunner:
     def _catch_up(self, row: Mapping[str, Any], events: list[dict[str, Any]], after: int) -> None:
         """Bring the cached instance up to what the claim read (see ``Engine.remember``).
 
-        After the attempt has run, not before: the replay must not use up the
-        attempt's time. Anything that goes wrong here (an event this code does
+        After the attempt has run, not before: the replay must not delay the
+        user's code (it still counts against the attempt's deadline, as the
+        careful path's replay would). Anything that goes wrong here (an event this code does
         not know, in a rolling deploy) leaves the instance to the careful path,
         which meets the problem again and handles it.
         """
