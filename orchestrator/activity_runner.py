@@ -632,6 +632,7 @@ class ActivityRunner:
                     raise
                 abandon_pipeline(session)
                 engine.discard(session)
+                engine.cache.contended(run.run_id)
                 log.debug(
                     "run changed since this worker recorded it; reading it again",
                     extra={"run_id": run.run_id, "activity_id": info.activity_id},

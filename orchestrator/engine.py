@@ -540,6 +540,8 @@ class Engine:
         on_close(session, self.discard)
         saved = run.history_length - len(run.appended)
         history: list[RecordedEvent] = []
+        if instance.applied_seq == saved:
+            self.cache.settled(run.run_id)  # nothing came from outside since its last step
         if instance.applied_seq < saved:
             prefetched = session.info.pop(PREFETCHED_HISTORY, None)
             if prefetched is not None and prefetched[0] == run.run_id:

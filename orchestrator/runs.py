@@ -226,6 +226,8 @@ class InstanceCache:
     def __init__(self, size: int) -> None:
         self._size = size
         self._items: OrderedDict[str, WorkflowInstance] = OrderedDict()
+        # Runs others changed while a result was decided ahead (see contended).
+        self._contended: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
     def __contains__(self, run_id: str) -> bool:
@@ -253,6 +255,7 @@ class InstanceCache:
             known = None if instance is None else instance.known_run
             if (
                 known is None
+                or run_id in self._contended
                 or not known.is_open
                 or known.paused
                 or known.has_task_failure
@@ -260,6 +263,26 @@ class InstanceCache:
             ):
                 return None
             return snapshot(known)
+
+    def contended(self, run_id: str) -> None:
+        """Others changed ``run_id`` while this process decided its result ahead.
+
+        That cost the instance and a round trip, and a run changed from outside
+        once (signals, say) is likely to be again: its results are recorded the
+        careful way, which reads only the events the instance lacks, until one
+        finds that nothing came from outside (see settled).
+        """
+        with self._lock:
+            self._contended[run_id] = None
+            self._contended.move_to_end(run_id)
+            while len(self._contended) > max(self._size, 1):
+                self._contended.popitem(last=False)
+
+    def settled(self, run_id: str) -> None:
+        """A result of ``run_id`` found nothing new from outside: decide ahead again."""
+        if self._contended:
+            with self._lock:
+                self._contended.pop(run_id, None)
 
     def take(self, run_id: str) -> WorkflowInstance | None:
         with self._lock:

@@ -813,3 +813,44 @@ def test_a_claim_brings_a_cached_instance_up_to_date_with_what_others_recorded(
     # and the second result was recorded as for a known run.
     assert history_reads == [3]
     assert spy.recorded == [True, True]
+
+
+@workflow.defn(name="ItChangedThenQuiet")
+class ChangedThenQuiet:
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    @workflow.signal
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    @workflow.run
+    async def run(self) -> list[str]:
+        word = await workflow.execute_activity(shout, "a")
+        word = await workflow.execute_activity(signal_own_run, word)
+        word = await workflow.execute_activity(shout, word)
+        word = await workflow.execute_activity(shout, word)
+        return [word, *self.notes]
+
+
+def test_after_a_refusal_the_next_result_is_recorded_carefully_then_ahead_again(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = KnownRunSpy(monkeypatch)
+    orchestrator = embedded_on_postgres(database_url, ChangedThenQuiet)
+    other = elsewhere(database_url, ChangedThenQuiet)
+    CURRENT[:] = [orchestrator, other]
+    try:
+        handle = orchestrator.client().start_workflow(
+            ChangedThenQuiet, workflow_id=harness.unique("it-contended")
+        )
+        assert handle.result(timeout=20) == ["a!?!!", "signalled"]
+    finally:
+        orchestrator.close()
+        other.close()
+        CURRENT.clear()
+    # The second result is refused (the signal came while it ran). The third is
+    # recorded the careful way, reading only what the instance lacked, and finds
+    # nothing new from outside; the fourth is decided ahead again.
+    assert spy.recorded == [True, False, True]
+    assert spy.left_open() == []
