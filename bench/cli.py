@@ -174,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         open_runs=args.open_runs,
         signalled=args.signalled,
         profile_dir=args.profile.resolve() if args.profile else None,
+        rounds=args.rounds,
     )
     if options.profile_dir is not None:
         options.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         document["calibration"] = {
             "postgres_commits_per_second": round(ctx.postgres.commit_rate(), 1)
         }
-        rounds = _compare(ctx, args.rounds)
+        rounds = _compare(ctx, options.rounds)
         failed |= any("error" in r for entry in rounds for r in entry["results"].values())
         document["results"] = rounds[-1]["results"]
         document["ratios"] = median_ratios([entry["ratios"] for entry in rounds])

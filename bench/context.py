@@ -31,6 +31,7 @@ class Options:
     open_runs: int = 100_000
     signalled: int = 3_000
     profile_dir: Path | None = None
+    rounds: int = 1
 
 
 @dataclass

@@ -216,6 +216,21 @@ def scale_table(scale: dict[str, Any]) -> str:
                 "",
             )
         )
+        rounds = long.get("rounds_last_over_first")
+        if rounds:
+            trends = long.get("rounds_trend_ms_per_1000_steps") or []
+            rows.append(
+                (
+                    "",
+                    f"the median of {len(rounds)} runs: "
+                    + ", ".join(f"{_num(value, 2)}x" for value in rounds)
+                    + "; trends "
+                    + ", ".join(f"{_num(value, 2)}" for value in trends)
+                    + " ms per 1,000 steps",
+                    "",
+                    "",
+                )
+            )
         replay = long.get("cold_replay") or {}
         if replay.get("available"):
             rows.append(

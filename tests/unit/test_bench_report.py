@@ -56,3 +56,23 @@ def test_rounds_must_be_at_least_one(capsys: pytest.CaptureFixture[str]) -> None
         build_parser().parse_args(["--rounds", "0"])
     assert "must be at least 1, got 0" in capsys.readouterr().err
     assert build_parser().parse_args(["--rounds", "3"]).rounds == 3
+
+
+def test_the_long_run_shows_every_round_it_took_the_median_of() -> None:
+    from bench.report import scale_table
+
+    long = {
+        "steps": 5000,
+        "window": 100,
+        "last_over_first": 1.01,
+        "last_window_ms_per_step": 1.1,
+        "first_window_ms_per_step": 1.09,
+        "target": 1.2,
+        "meets_target": True,
+        "ms_per_step_by_tenth": [1.0] * 10,
+        "rounds_last_over_first": [0.88, 1.01, 1.43],
+        "rounds_trend_ms_per_1000_steps": [-0.01, 0.03, 0.02],
+    }
+    table = scale_table({"long_history": long})
+    assert "last 100 / first 100 steps: 1.01x" in table
+    assert "the median of 3 runs: 0.88x, 1.01x, 1.43x; trends -0.01, 0.03, 0.02" in table
