@@ -557,6 +557,13 @@ def overtake_own_attempt(word: str) -> str:
     return word
 
 
+STEPS = {
+    "shout": shout,
+    "signal_own_run": signal_own_run,
+    "overtake_own_attempt": overtake_own_attempt,
+}
+
+
 @workflow.defn(name="ItChangedMidStep")
 class ChangedMidStep:
     def __init__(self) -> None:
@@ -567,12 +574,12 @@ class ChangedMidStep:
         self.notes.append(text)
 
     @workflow.run
-    async def run(self, step: str) -> list[str]:
-        first = await workflow.execute_activity(shout, "a")
-        second = await workflow.execute_activity(
-            signal_own_run if step == "signal" else overtake_own_attempt, first
-        )
-        return [second, *self.notes]
+    async def run(self, steps: list[str]) -> list[str]:
+        """Runs the activities named in ``steps`` in turn, each on the last one's result."""
+        word = "a"
+        for step in steps:
+            word = await workflow.execute_activity(STEPS[step], word)
+        return [word, *self.notes]
 
 
 def test_a_run_changed_since_the_worker_recorded_it_is_read_again(
@@ -584,7 +591,9 @@ def test_a_run_changed_since_the_worker_recorded_it_is_read_again(
     CURRENT[:] = [orchestrator, other]
     try:
         handle = orchestrator.client().start_workflow(
-            ChangedMidStep, "signal", workflow_id=harness.unique("it-changed")
+            ChangedMidStep,
+            ["shout", "signal_own_run"],
+            workflow_id=harness.unique("it-changed"),
         )
         assert handle.result(timeout=20) == ["a!?", "signalled"]
         types = event_types(handle)
@@ -616,7 +625,9 @@ def test_a_stale_result_for_a_run_the_worker_knows_is_dropped(
     CURRENT[:] = [orchestrator]
     try:
         handle = orchestrator.client().start_workflow(
-            ChangedMidStep, "overtake", workflow_id=harness.unique("it-stale")
+            ChangedMidStep,
+            ["shout", "overtake_own_attempt"],
+            workflow_id=harness.unique("it-stale"),
         )
         harness.wait_until(lambda: spy.stale, 20, "the stale outcome to be dropped")
         types = event_types(handle)
@@ -815,34 +826,18 @@ def test_a_claim_brings_a_cached_instance_up_to_date_with_what_others_recorded(
     assert spy.recorded == [True, True]
 
 
-@workflow.defn(name="ItChangedThenQuiet")
-class ChangedThenQuiet:
-    def __init__(self) -> None:
-        self.notes: list[str] = []
-
-    @workflow.signal
-    def note(self, text: str) -> None:
-        self.notes.append(text)
-
-    @workflow.run
-    async def run(self) -> list[str]:
-        word = await workflow.execute_activity(shout, "a")
-        word = await workflow.execute_activity(signal_own_run, word)
-        word = await workflow.execute_activity(shout, word)
-        word = await workflow.execute_activity(shout, word)
-        return [word, *self.notes]
-
-
 def test_after_a_refusal_the_next_result_is_recorded_carefully_then_ahead_again(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = KnownRunSpy(monkeypatch)
-    orchestrator = embedded_on_postgres(database_url, ChangedThenQuiet)
-    other = elsewhere(database_url, ChangedThenQuiet)
+    orchestrator = embedded_on_postgres(database_url, ChangedMidStep)
+    other = elsewhere(database_url, ChangedMidStep)
     CURRENT[:] = [orchestrator, other]
     try:
         handle = orchestrator.client().start_workflow(
-            ChangedThenQuiet, workflow_id=harness.unique("it-contended")
+            ChangedMidStep,
+            ["shout", "signal_own_run", "shout", "shout"],
+            workflow_id=harness.unique("it-contended"),
         )
         assert handle.result(timeout=20) == ["a!?!!", "signalled"]
     finally:

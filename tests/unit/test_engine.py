@@ -301,17 +301,24 @@ def test_terminate_stops_queued_activities_and_appends_nothing_after(client: Any
     assert CALLS.names().count("slow") < 12
 
 
-def test_closing_the_orchestrator_closes_the_instances_it_cached(make_orchestrator: Any) -> None:
+def cached_listener(make_orchestrator: Any, workflow_id: str) -> tuple[Any, Any, Any]:
+    """An orchestrator, a signalled Listener run, and its instance, open in the cache."""
     from sample_patterns import Listener
 
     orchestrator = make_orchestrator([Listener], [])
-    handle = orchestrator.client().start_workflow(Listener, workflow_id="cached")
+    handle = orchestrator.client().start_workflow(Listener, workflow_id=workflow_id)
     handle.signal("ping")
     assert orchestrator.wait_idle(10)
     cache = orchestrator.engine.cache
     instance = cache.take(handle.run_id)
     assert instance is not None and not instance.loop.is_closed()
     cache.put(instance)
+    return orchestrator, handle, instance
+
+
+def test_closing_the_orchestrator_closes_the_instances_it_cached(make_orchestrator: Any) -> None:
+    orchestrator, _handle, instance = cached_listener(make_orchestrator, "cached")
+    cache = orchestrator.engine.cache
     orchestrator.close()
     assert len(cache) == 0
     assert instance.loop.is_closed()
@@ -320,18 +327,10 @@ def test_closing_the_orchestrator_closes_the_instances_it_cached(make_orchestrat
 def test_an_instance_a_failed_transaction_advanced_is_closed_not_cached(
     make_orchestrator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sample_patterns import Listener
-
     from orchestrator.engine import Engine
 
-    orchestrator = make_orchestrator([Listener], [])
-    handle = orchestrator.client().start_workflow(Listener, workflow_id="fails-midway")
-    handle.signal("ping")
-    assert orchestrator.wait_idle(10)
+    orchestrator, handle, instance = cached_listener(make_orchestrator, "fails-midway")
     cache = orchestrator.engine.cache
-    instance = cache.take(handle.run_id)
-    assert instance is not None
-    cache.put(instance)
 
     def broken(*_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("recording failed")
