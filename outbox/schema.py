@@ -31,7 +31,7 @@ metadata = MetaData(
     }
 )
 
-#: PostgreSQL channel notified after every statement that inserts outbox rows.
+#: PostgreSQL channel on which writers wake relays after committing rows left to them.
 NOTIFY_CHANNEL = "orchestrator_outbox"
 
 outbox_messages = Table(
@@ -71,41 +71,3 @@ Index(
     postgresql_where=outbox_messages.c.published_at.is_(None),
     sqlite_where=outbox_messages.c.published_at.is_(None),
 )
-
-_NOTIFY_FUNCTION = "outbox_messages_notify"
-_NOTIFY_TRIGGER = "outbox_messages_notify"
-
-
-def postgres_notify_ddl() -> list[str]:
-    """Return the PostgreSQL statements that make inserts wake listening relays.
-
-    The trigger fires once per statement, not per row, and carries an empty
-    payload: a relay only needs to know that there is something to read, and
-    PostgreSQL folds identical notifications of one transaction into one.
-    Statements are idempotent and run in order.
-    """
-    return [
-        f"""
-        CREATE OR REPLACE FUNCTION {_NOTIFY_FUNCTION}() RETURNS trigger
-        LANGUAGE plpgsql AS $$
-        BEGIN
-            PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
-            RETURN NULL;
-        END;
-        $$
-        """,
-        f"DROP TRIGGER IF EXISTS {_NOTIFY_TRIGGER} ON {outbox_messages.name}",
-        f"""
-        CREATE TRIGGER {_NOTIFY_TRIGGER}
-        AFTER INSERT ON {outbox_messages.name}
-        FOR EACH STATEMENT EXECUTE FUNCTION {_NOTIFY_FUNCTION}()
-        """,
-    ]
-
-
-def postgres_notify_drop_ddl() -> list[str]:
-    """Return the PostgreSQL statements that undo :func:`postgres_notify_ddl`."""
-    return [
-        f"DROP TRIGGER IF EXISTS {_NOTIFY_TRIGGER} ON {outbox_messages.name}",
-        f"DROP FUNCTION IF EXISTS {_NOTIFY_FUNCTION}()",
-    ]

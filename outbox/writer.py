@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, event, insert, update
+from sqlalchemy import Engine, event, insert, text, update
 from sqlalchemy.orm import Session, SessionTransaction
 
 from outbox.crashpoints import crash_point
+from outbox.doorbell import Doorbell
 from outbox.errors import PublishError
 from outbox.message import OutboxMessage
 from outbox.publisher import Publisher
@@ -26,6 +27,7 @@ _log = logging.getLogger("outbox")
 _INSERT_CHUNK = 1000
 _UPDATE_CHUNK = 1000
 _INSERT = insert(outbox_messages)
+_ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
 
 _T = TypeVar("_T")
 
@@ -105,10 +107,14 @@ class OutboxWriter:
     Rows share the fate of the caller's transaction. After the outermost commit,
     the messages are published at once from the committing thread and then
     marked published; anything that fails on that path (a crash, a broker
-    outage) stays unpublished in the table, where the relay picks it up.
+    outage) stays unpublished in the table, where the relay picks it up. On
+    PostgreSQL a commit that leaves rows to the relay (relay-only kinds, rows
+    not published after commit, a failed publish) wakes listening relays
+    through a :class:`~outbox.doorbell.Doorbell`, after the commit.
 
     Args:
-        engine: Engine used for the short transaction that marks rows published.
+        engine: Engine used for the short transactions that mark rows published
+            and wake relays.
         publisher: Where messages go after commit.
         publish_after_commit: Whether to publish right after commit. When
             ``False`` only the relay publishes. Defaults to ``True``.
@@ -136,6 +142,8 @@ class OutboxWriter:
         self.publish_after_commit = publish_after_commit
         self.relay_only_kinds = frozenset(relay_only_kinds)
         self._marker = _Marker(self._mark_published) if batch_marks else None
+        self._postgres = engine.dialect.name == "postgresql"
+        self.doorbell = Doorbell(engine) if self._postgres else None
 
     def add(self, session: Session, messages: Iterable[OutboxMessage]) -> None:
         """Insert ``messages`` in ``session``'s current transaction.
@@ -163,11 +171,13 @@ class OutboxWriter:
         ]
         for chunk in _chunks(rows, _INSERT_CHUNK):
             session.execute(_INSERT, list(chunk))
-        if not self.publish_after_commit:
-            return
-        batch = [message for message in batch if message.kind not in self.relay_only_kinds]
-        if not batch:
-            return
+        if self.doorbell is None:
+            if not self.publish_after_commit:
+                return
+            # Without a doorbell only the messages published after commit matter here.
+            batch = [message for message in batch if self._publishes(message)]
+            if not batch:
+                return
         transaction = session.get_nested_transaction() or session.get_transaction()
         if transaction is None:  # pragma: no cover - execute() always begins one
             raise RuntimeError("session has no transaction after an insert")
@@ -177,6 +187,10 @@ class OutboxWriter:
             session.info[self] = pending
             self._listen(session)
         pending.extend(_Pending(message, transaction) for message in batch)
+
+    def _publishes(self, message: OutboxMessage) -> bool:
+        """Whether this writer publishes ``message`` after commit (else only the relay does)."""
+        return self.publish_after_commit and message.kind not in self.relay_only_kinds
 
     def _listen(self, session: Session) -> None:
         event.listen(session, "after_commit", self._after_commit)
@@ -191,8 +205,13 @@ class OutboxWriter:
         pending: list[_Pending] | None = session.info.get(self)
         if not pending:
             return
-        messages = [item.message for item in pending]
+        messages = [item.message for item in pending if self._publishes(item.message)]
+        for_relay = len(messages) < len(pending)
         pending.clear()
+        if for_relay:
+            self._ring()
+        if not messages:
+            return
         crash_point("outbox.after_commit")
         # The caller's commit already succeeded; raising from here would make it
         # look failed, so every problem is logged and left to the relay.
@@ -204,12 +223,14 @@ class OutboxWriter:
                 len(messages),
                 exc,
             )
+            self._ring()
             return
         except Exception:
             _log.exception(
                 "publishing %d outbox message(s) after commit failed, the relay will retry",
                 len(messages),
             )
+            self._ring()
             return
         crash_point("outbox.after_publish")
         if self._marker is not None:
@@ -222,6 +243,10 @@ class OutboxWriter:
                 "marking %d published outbox message(s) failed, the relay will send them again",
                 len(messages),
             )
+
+    def _ring(self) -> None:
+        if self.doorbell is not None:
+            self.doorbell.ring()
 
     def _after_soft_rollback(
         self, session: Session, previous_transaction: SessionTransaction
@@ -244,6 +269,10 @@ class OutboxWriter:
         table = outbox_messages
         now = datetime.now(UTC)
         with self.engine.begin() as conn:
+            if self._postgres:
+                # A mark lost to a database crash only means the relay sends that
+                # message again, which consumers drop: no need to wait for the disk.
+                conn.execute(_ASYNC_COMMIT)
             for chunk in _chunks(ids, _UPDATE_CHUNK):
                 conn.execute(
                     update(table)

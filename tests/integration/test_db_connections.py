@@ -849,3 +849,34 @@ def test_after_a_refusal_the_next_result_is_recorded_carefully_then_ahead_again(
     # nothing new from outside; the fourth is decided ahead again.
     assert spy.recorded == [True, False, True]
     assert spy.left_open() == []
+
+
+def _outbox_triggers(url: str) -> int:
+    engine = orchestrator_db.create_db_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_trigger t"
+                        " JOIN pg_class c ON c.oid = t.tgrelid"
+                        " WHERE c.relname = 'outbox_messages' AND NOT t.tgisinternal"
+                    )
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def test_the_migrations_drop_the_outbox_insert_trigger_and_bring_it_back_down() -> None:
+    from orchestrator import migrate
+
+    url = harness.database_url("orchestrator_migrations_it")
+    harness.recreate_database(url)
+    migrate.upgrade(url, "0002")
+    assert _outbox_triggers(url) == 1
+    migrate.upgrade(url)
+    # Writers wake relays after their commit: no insert notifies any more.
+    assert _outbox_triggers(url) == 0
+    migrate.downgrade(url, "0002")
+    assert _outbox_triggers(url) == 1

@@ -29,7 +29,6 @@ from outbox import (
     metadata,
     outbox_messages,
 )
-from outbox.schema import postgres_notify_ddl, postgres_notify_drop_ddl
 
 pytestmark = pytest.mark.integration
 
@@ -52,18 +51,6 @@ def schema_engine(application_name: str) -> Engine:
     )
 
 
-def install_trigger(engine: Engine) -> None:
-    with engine.begin() as conn:
-        for statement in postgres_notify_ddl():
-            conn.execute(text(statement))
-
-
-def drop_trigger(engine: Engine) -> None:
-    with engine.begin() as conn:
-        for statement in postgres_notify_drop_ddl():
-            conn.execute(text(statement))
-
-
 @pytest.fixture(scope="module")
 def admin() -> Iterator[Engine]:
     engine = create_engine(DATABASE_URL)
@@ -81,7 +68,6 @@ def admin() -> Iterator[Engine]:
 def engine(admin: Engine) -> Iterator[Engine]:
     engine = schema_engine(f"outbox_test_{SUFFIX}")
     metadata.create_all(engine, tables=[outbox_messages])
-    install_trigger(engine)
     yield engine
     engine.dispose()
 
@@ -295,48 +281,86 @@ def test_relay_survives_losing_its_connections(
         assert publisher.wait_for(2, timeout=20), "the relay did not reconnect"
 
 
-def trigger_objects(admin: Engine) -> tuple[int, int]:
-    with admin.connect() as conn:
-        triggers = conn.execute(
-            text(
-                "SELECT count(*) FROM pg_trigger t"
-                " JOIN pg_class c ON c.oid = t.tgrelid"
-                " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                " WHERE n.nspname = :schema AND c.relname = 'outbox_messages'"
-                " AND NOT t.tgisinternal"
-            ),
-            {"schema": SCHEMA},
-        ).scalar_one()
-        functions = conn.execute(
-            text(
-                "SELECT count(*) FROM pg_proc p"
-                " JOIN pg_namespace n ON n.oid = p.pronamespace"
-                " WHERE n.nspname = :schema AND p.proname = 'outbox_messages_notify'"
-            ),
-            {"schema": SCHEMA},
-        ).scalar_one()
-    return int(triggers), int(functions)
-
-
-def test_trigger_ddl_installs_idempotently_and_drops_cleanly(engine: Engine, admin: Engine) -> None:
-    assert trigger_objects(admin) == (1, 1)
-    install_trigger(engine)
-    assert trigger_objects(admin) == (1, 1)
-
+@pytest.fixture
+def listener(engine: Engine) -> Iterator[psycopg.Connection[Any]]:
     url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(url, autocommit=True) as listener:
-        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
-        write(engine, [task(1)])
-        notes = list(listener.notifies(timeout=5, stop_after=1))
-        assert [note.channel for note in notes] == [NOTIFY_CHANNEL]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+        yield conn
 
-    try:
-        drop_trigger(engine)
-        assert trigger_objects(admin) == (0, 0)
-        drop_trigger(engine)
-        assert trigger_objects(admin) == (0, 0)
-        # Without the trigger, inserts still work; only the wake-up is gone.
-        write(engine, [task(2)])
-    finally:
-        install_trigger(engine)
-    assert trigger_objects(admin) == (1, 1)
+
+def commit_through(writer: OutboxWriter, messages: Sequence[OutboxMessage]) -> int:
+    """Commit ``messages`` through ``writer``; return the committing backend's pid."""
+    with Session(writer.engine) as session:
+        pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        writer.add(session, messages)
+        session.commit()
+    assert writer.doorbell is not None
+    assert writer.doorbell.wait_idle(10), "the doorbell never rang"
+    return int(pid)
+
+
+def notifications(listener: psycopg.Connection[Any], timeout: float) -> list[Any]:
+    return list(listener.notifies(timeout=timeout, stop_after=1))
+
+
+def test_a_row_left_to_the_relay_rings_after_its_commit(
+    engine: Engine, listener: psycopg.Connection[Any]
+) -> None:
+    writer = OutboxWriter(engine, RecordingPublisher(), relay_only_kinds={"event"})
+    event = OutboxMessage(kind="event", destination="demo.happened", body={"n": 1})
+    writer_pid = commit_through(writer, [event])
+    notes = notifications(listener, timeout=5)
+    assert [note.channel for note in notes] == [NOTIFY_CHANNEL]
+    # From a transaction of its own: the writing one never takes PostgreSQL's
+    # notification lock, which would serialize it with every other writer's flush.
+    assert notes[0].pid != writer_pid
+
+
+def test_rows_the_writer_published_itself_ring_nothing(
+    engine: Engine, listener: psycopg.Connection[Any]
+) -> None:
+    publisher = RecordingPublisher()
+    writer = OutboxWriter(engine, publisher, relay_only_kinds={"event"})
+    message = task(1)
+    commit_through(writer, [message])
+    assert [m.id for m in publisher.published] == [message.id]
+    # Nothing is left to send (wait_idle), so any notification is already on its way.
+    assert notifications(listener, timeout=0.5) == []
+
+
+def test_a_failed_publish_and_a_relay_only_writer_ring(
+    engine: Engine, listener: psycopg.Connection[Any]
+) -> None:
+    failing = OutboxWriter(engine, RecordingPublisher(fail=True))
+    commit_through(failing, [task(1)])
+    assert [note.channel for note in notifications(listener, timeout=5)] == [NOTIFY_CHANNEL]
+
+    relay_only = OutboxWriter(engine, RecordingPublisher(), publish_after_commit=False)
+    commit_through(relay_only, [task(2)])
+    assert [note.channel for note in notifications(listener, timeout=5)] == [NOTIFY_CHANNEL]
+
+
+def test_a_rolled_back_row_rings_nothing(
+    engine: Engine, listener: psycopg.Connection[Any]
+) -> None:
+    writer = OutboxWriter(engine, RecordingPublisher(), publish_after_commit=False)
+    with Session(engine) as session:
+        writer.add(session, [task(1)])
+        session.rollback()
+    assert writer.doorbell is not None
+    assert writer.doorbell.wait_idle(10)
+    assert notifications(listener, timeout=0.5) == []
+
+
+def test_rings_close_together_share_a_notification(
+    engine: Engine, listener: psycopg.Connection[Any]
+) -> None:
+    writer = OutboxWriter(engine, RecordingPublisher(), relay_only_kinds={"event"})
+    assert writer.doorbell is not None
+    for _ in range(100):
+        writer.doorbell.ring()
+    assert writer.doorbell.wait_idle(10)
+    notes = list(listener.notifies(timeout=0.5))
+    # The first ring starts a send; the rest wait for it and go out as one more.
+    assert 1 <= len(notes) <= 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from outbox.schema import postgres_notify_ddl, postgres_notify_drop_ddl
+from orchestrator.migrations.outbox_trigger import postgres_notify_ddl, postgres_notify_drop_ddl
 
 revision = "0001"
 down_revision = None

@@ -1,0 +1,145 @@
+"""Wakes listening relays after a commit, from outside the committing transaction."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import Engine
+
+from outbox.schema import NOTIFY_CHANNEL
+
+_log = logging.getLogger("outbox")
+
+_NOTIFY = "SELECT pg_notify(%s, '')"
+# Rings that come this close together share a notification.
+_COALESCE = 0.005
+# A failing database is not asked again for each ring.
+_QUIET_AFTER_FAILURE = 1.0
+# An idle thread ends (the next ring starts another), so that a writer no
+# longer used does not keep a thread and its engine alive.
+_IDLE_EXIT = 10.0
+
+
+class Doorbell:
+    """Sends ``NOTIFY`` on :data:`NOTIFY_CHANNEL` from a background thread.
+
+    PostgreSQL serializes the transactions that notify, from their ``NOTIFY``
+    to the end of their commit, disk flush included. Notifying from the
+    transactions that write outbox rows (a trigger did, once) made each such
+    commit wait for the previous one's flush; under load that halved the
+    engine's throughput. Here a ring only marks the bell; the thread sends one
+    notification, in a transaction of its own that does not wait for the disk,
+    for every ring since the last one, on a connection of its own (one round
+    trip, outside the engine's pool, closed when idle). A lost ring (a crash, a
+    database error) delays the rows until a relay's safety poll, nothing more.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._wake = threading.Condition()
+        self._rung = False
+        self._sending = False
+        self._pid = 0
+        self._conn: Any = None
+        # Connections a forked child inherited: closing one would end the
+        # parent's session too, so the child keeps them, unused.
+        self._inherited: list[Any] = []
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        # A forked child starts clean: its parent's lock may be held by a thread
+        # that does not exist here.
+        self._wake = threading.Condition()
+        self._rung = False
+        self._sending = False
+        self._pid = 0
+        if self._conn is not None:
+            self._inherited.append(self._conn)
+            self._conn = None
+
+    def ring(self) -> None:
+        """Ask for a notification after the caller's commit; returns at once."""
+        with self._wake:
+            self._rung = True
+            if self._pid != os.getpid():
+                # First use in this process (a forked child inherits no thread).
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="outbox-doorbell", daemon=True).start()
+            self._wake.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every ring so far has been sent (for tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while self._rung or self._sending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._wake.wait(remaining)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                idle_until = time.monotonic() + _IDLE_EXIT
+                while not self._rung:
+                    remaining = idle_until - time.monotonic()
+                    if remaining <= 0:
+                        self._pid = 0
+                        self._close()
+                        return
+                    self._wake.wait(remaining)
+                self._rung = False
+                self._sending = True
+            sent = self._send()
+            with self._wake:
+                self._sending = False
+                self._wake.notify_all()
+            time.sleep(_COALESCE if sent else _QUIET_AFTER_FAILURE)
+
+    def _send(self) -> bool:
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            cursor = self._conn.cursor()
+            try:
+                cursor.execute(_NOTIFY, (NOTIFY_CHANNEL,))
+            finally:
+                cursor.close()
+        except Exception as exc:
+            self._close()
+            _log.warning("waking the outbox relay failed, its poll will find the rows: %s", exc)
+            return False
+        return True
+
+    def _connect(self) -> Any:
+        raw = self._engine.raw_connection()
+        driver: Any = raw.driver_connection
+        # Detached, it keeps the engine's connect arguments but takes no pool slot.
+        raw.detach()
+        try:
+            driver.rollback()
+            driver.autocommit = True
+            cursor = driver.cursor()
+            try:
+                # Each notification is a transaction of its own that need not
+                # wait for the disk: a lost one only leaves rows to the poll.
+                cursor.execute("SET synchronous_commit TO off")
+            finally:
+                cursor.close()
+        except BaseException:
+            driver.close()
+            raise
+        return driver
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # pragma: no cover - closing a broken connection
+                _log.debug("closing the doorbell's connection failed", exc_info=True)
