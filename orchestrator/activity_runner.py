@@ -306,36 +306,40 @@ class ActivityRunner:
         return engine.registry.activity(command.activity_type)
 
     # ------------------------------------------------------------------ running
-    def run_attempt(self, run_id: str, activity_id: str, attempt: int) -> None:
+    def run_attempt(self, run_id: str, activity_id: str, attempt: int) -> Failure | None:
         """Run one attempt, if it is still the current one, and record its outcome.
 
         Then run, one after the other, the attempts its outcome claimed here
         (eager dispatch), up to ``eager_max_steps`` of them; the rest of the run
-        goes on through the broker.
+        goes on through the broker. Returns the failure of the attempt asked
+        for (None if it succeeded or did not run), which the broker's task
+        reports as its own state.
         """
         claimed = self._claim(run_id, activity_id, attempt)
-        if claimed is not None:
-            self.run_claimed(claimed, eager=False)
+        if claimed is None:
+            return None
+        return self.run_claimed(claimed, eager=False)
 
-    def run_claimed(self, claimed: ClaimedAttempt, *, eager: bool) -> None:
-        """Run a claimed attempt and the eager attempts that follow from it."""
+    def run_claimed(self, claimed: ClaimedAttempt, *, eager: bool) -> Failure | None:
+        """Run a claimed attempt and the eager attempts that follow; the first one's failure."""
         budget = self.engine.settings.eager_max_steps
         until = time.monotonic() + EAGER_MAX_SECONDS
-        next_claim: ClaimedAttempt | None = claimed
         observer = self.engine.eager_observer
         try:
+            next_claim, first_failure = self._run(claimed, eager=eager, eager_allowed=budget > 0)
+            budget -= 1
             while next_claim is not None:
                 allowed = budget > 0 and time.monotonic() < until
-                next_claim = self._run(next_claim, eager=eager, eager_allowed=allowed)
+                next_claim, _ = self._run(next_claim, eager=True, eager_allowed=allowed)
                 budget -= 1
-                eager = True
         finally:
             if observer is not None:
                 observer.flush()
+        return first_failure
 
     def _run(
         self, claimed: ClaimedAttempt, *, eager: bool, eager_allowed: bool
-    ) -> ClaimedAttempt | None:
+    ) -> tuple[ClaimedAttempt | None, Failure | None]:
         info = claimed.info
         observer = self.engine.eager_observer if eager else None
         if observer is not None:
@@ -364,7 +368,7 @@ class ActivityRunner:
         crash_point("activity.executed")
         if claimed.catch_up is not None:
             self._catch_up(*claimed.catch_up)
-        return self._finish(info, outcome, eager_allowed=eager_allowed)
+        return self._finish(info, outcome, eager_allowed=eager_allowed), outcome.failure
 
     def _catch_up(self, row: Mapping[str, Any], events: list[dict[str, Any]], after: int) -> None:
         """Bring the cached instance up to what the claim read (see ``Engine.remember``).

@@ -27,7 +27,7 @@ from kombu.entity import Exchange, Queue
 from activities.errors import PayloadError
 from orchestrator import messages
 from orchestrator.dead_letters import COMPENSATION_DEAD_LETTER_QUEUE
-from orchestrator.errors import InvalidWorkflowIdError, UnknownWorkflowTypeError
+from orchestrator.errors import AttemptFailedError, InvalidWorkflowIdError, UnknownWorkflowTypeError
 from orchestrator.flower import task_kwargsrepr
 from orchestrator.task_events import TaskEvents, events_follower
 from outbox.errors import PublishError
@@ -165,10 +165,14 @@ def _register_activity(app: Celery, orchestrator: Orchestrator, name: str, queue
             or extra
         ):
             raise Reject(f"malformed activity task for {name}", requeue=False)
-        orchestrator.engine.activity_task(run_id, activity_id, attempt)
+        failure = orchestrator.engine.activity_task(run_id, activity_id, attempt)
+        if failure is not None:
+            raise AttemptFailedError(failure)
 
     run_activity.__name__ = name.replace(".", "_")
-    app.task(name=name, queue=queue, shared=False)(run_activity)
+    # An expected error: Celery records the task as failed and logs one line
+    # without a traceback (the attempt's own failure is logged and recorded).
+    app.task(name=name, queue=queue, shared=False, throws=(AttemptFailedError,))(run_activity)
 
 
 class CeleryPublisher:

@@ -235,8 +235,9 @@ class Engine:
         self.eager_observer = observer
 
     # Entry points of the broker's consumers.
-    def activity_task(self, run_id: str, activity_id: str, attempt: int) -> None:
-        self.activities.run_attempt(run_id, activity_id, attempt)
+    def activity_task(self, run_id: str, activity_id: str, attempt: int) -> Failure | None:
+        """Run an attempt a message asked for (see ``ActivityRunner.run_attempt``)."""
+        return self.activities.run_attempt(run_id, activity_id, attempt)
 
     def fire_due(self, limit: int = 100) -> int:
         return self.timers.fire_due(limit)

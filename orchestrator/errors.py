@@ -84,6 +84,19 @@ class ActivityError(OrchestratorError):
         self.failure = failure
 
 
+class AttemptFailedError(OrchestratorError):
+    """Raised by the broker task of an activity attempt that failed, once recorded.
+
+    Its only purpose is the task's state: monitors such as Flower show the
+    attempt as failed. The outcome is already in the run's history, and the
+    message is acknowledged like that of any finished attempt.
+    """
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(f"{failure.type}: {failure.message}")
+        self.failure = failure
+
+
 class WorkflowFailedError(OrchestratorError):
     """``handle.result()`` of a run that did not complete (failed, compensated...)."""
 

@@ -341,9 +341,7 @@ def test_a_failed_publish_and_a_relay_only_writer_ring(
     assert [note.channel for note in notifications(listener, timeout=5)] == [NOTIFY_CHANNEL]
 
 
-def test_a_rolled_back_row_rings_nothing(
-    engine: Engine, listener: psycopg.Connection[Any]
-) -> None:
+def test_a_rolled_back_row_rings_nothing(engine: Engine, listener: psycopg.Connection[Any]) -> None:
     writer = OutboxWriter(engine, RecordingPublisher(), publish_after_commit=False)
     with Session(engine) as session:
         writer.add(session, [task(1)])

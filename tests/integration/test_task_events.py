@@ -133,3 +133,38 @@ def test_task_events_start_when_a_monitor_asks_and_cover_eager_attempts(
     # The run's first activity travels as a message; the next ones run eagerly.
     assert set(attempts) & eager_ids, "no eager attempt reported"
     assert set(attempts) - eager_ids, "no message-borne attempt reported"
+
+
+def test_a_failed_message_borne_attempt_is_reported_failed_without_a_traceback(
+    procs: harness.ProcessGroup, orchestrator: Orchestrator, db: Engine, watcher: Watcher
+) -> None:
+    worker = procs.worker(f"{WORKER}-failing", env={"ORCHESTRATOR_TASK_EVENTS": "true"})
+    procs.scheduler()
+    order = harness.make_order(
+        harness.unique("events-fail"), fail_first_attempts={"reserve_inventory": 1}
+    )
+    handle = orchestrator.client().start_workflow(
+        OrderSaga, order, workflow_id=f"order-{order.order_id}"
+    )
+    # The first attempt fails and its retry (sent again through the broker) succeeds.
+    assert handle.result(timeout=60).order_id == order.order_id
+    hostname = worker.wait_for_log(r"(\S+@\S+) ready\.").group(1)
+
+    def outcomes() -> tuple[str, str] | None:
+        received = [
+            e["uuid"]
+            for e in watcher.of(hostname, "task-received")
+            if e["name"] == "reserve_inventory" and handle.run_id in str(e.get("kwargs"))
+        ]
+        failed = {e["uuid"] for e in watcher.of(hostname, "task-failed")}
+        succeeded = {e["uuid"] for e in watcher.of(hostname, "task-succeeded")}
+        if len(received) < 2 or received[0] not in failed or received[1] not in succeeded:
+            return None
+        return received[0], received[1]
+
+    first, _ = harness.wait_until(outcomes, 15, "a failed and a succeeded reserve_inventory")
+    [failed] = [e for e in watcher.of(hostname, "task-failed") if e["uuid"] == first]
+    assert "simulated transient failure of reserve_inventory" in failed["exception"]
+    # Celery logs an expected error in one line; the attempt's failure has its own log.
+    assert "raised expected: AttemptFailedError" in worker.log_text()
+    assert "Traceback" not in worker.log_text()
