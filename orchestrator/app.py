@@ -114,7 +114,7 @@ class Orchestrator:
                 else:
                     from events import EventPublisher
                     from events.config import EventSettings
-                    from orchestrator.celery_app import CeleryPublisher
+                    from orchestrator.task_publisher import CeleryPublisher
 
                     self._publisher = PublisherByKind(
                         {

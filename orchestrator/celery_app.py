@@ -1,4 +1,4 @@
-"""The Celery side: the app, its queues, the tasks, and the publisher that uses them.
+"""The Celery side: the app, its queues and its tasks (the publisher is in task_publisher).
 
 Settings follow what durable work on RabbitMQ needs: a message is acked only after
 its task ran (acks_late), requeued if the worker dies (reject on worker lost), one
@@ -10,28 +10,20 @@ being dropped.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import threading
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.exceptions import Reject
 from celery.signals import worker_init
 from celery.worker.consumer import Consumer
-from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 
 from activities.errors import PayloadError
 from orchestrator import messages
-from orchestrator.dead_letters import COMPENSATION_DEAD_LETTER_QUEUE
 from orchestrator.errors import AttemptFailedError, InvalidWorkflowIdError, UnknownWorkflowTypeError
-from orchestrator.flower import task_kwargsrepr
 from orchestrator.task_events import TaskEvents, events_follower
 from outbox.errors import PublishError
-from outbox.message import OutboxMessage
 
 if TYPE_CHECKING:
     from orchestrator.app import Orchestrator
@@ -173,93 +165,6 @@ def _register_activity(app: Celery, orchestrator: Orchestrator, name: str, queue
     # An expected error: Celery records the task as failed and logs one line
     # without a traceback (the attempt's own failure is logged and recorded).
     app.task(name=name, queue=queue, shared=False, throws=(AttemptFailedError,))(run_activity)
-
-
-class CeleryPublisher:
-    """Publishes outbox task messages as Celery task messages, with publisher confirms.
-
-    It has its own connection in confirm mode (one per thread), so that only the
-    messages that carry the system's state wait for the broker's confirm; the
-    workers' monitoring events go out on Celery's own connections without
-    waiting, which keeps them off the hot path.
-    """
-
-    def __init__(self, app: Celery, *, dead_letter_exchange: str) -> None:
-        self.app = app
-        self._dead_letter_exchange = dead_letter_exchange
-        self._declared = False
-        self._local = threading.local()
-        # A forked worker child must not share its parent's broker socket.
-        os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        self._local = threading.local()
-
-    def _producer(self) -> Any:
-        producer = getattr(self._local, "producer", None)
-        if producer is None:
-            connection = Connection(
-                self.app.conf.broker_url, transport_options={"confirm_publish": True}
-            )
-            producer = connection.Producer()
-            self._local.producer = producer
-        return producer
-
-    def _reset(self) -> None:
-        producer = getattr(self._local, "producer", None)
-        self._local.producer = None
-        if producer is not None:
-            with contextlib.suppress(Exception):
-                producer.connection.release()
-
-    def _declare_dead_letter_queue(self, producer: Any) -> None:
-        # The queues name this exchange; it must exist before anything is rejected.
-        if not self._declared:
-            dead_letter_queue(self._dead_letter_exchange).bind(producer.channel).declare()
-            self._declared = True
-
-    def _publish_dead_letter_copy(self, producer: Any, message: OutboxMessage) -> None:
-        # A plain message on a queue nobody consumes: operators see dead-lettered
-        # compensations in the broker's tools; the database row is the record.
-        queue = Queue(COMPENSATION_DEAD_LETTER_QUEUE, durable=True)
-        producer.publish(
-            message.body,
-            exchange="",
-            routing_key=COMPENSATION_DEAD_LETTER_QUEUE,
-            declare=[queue],
-            serializer="json",
-            delivery_mode=2,
-            headers={**message.headers, "message_id": message.id},
-            message_id=message.id,
-        )
-
-    def publish(self, messages_: Sequence[OutboxMessage]) -> None:
-        try:
-            producer = self._producer()
-            self._declare_dead_letter_queue(producer)
-            for message in messages_:
-                if message.kind != "task":
-                    raise PublishError(f"cannot publish {message.kind} {message.id} as a task")
-                if message.queue == COMPENSATION_DEAD_LETTER_QUEUE:
-                    self._publish_dead_letter_copy(producer, message)
-                    continue
-                self.app.send_task(
-                    message.destination,
-                    kwargs=message.body,
-                    task_id=message.id,
-                    queue=message.queue,
-                    headers=dict(message.headers),
-                    kwargsrepr=task_kwargsrepr(message.body, message.headers),
-                    producer=producer,
-                    retry=True,
-                    retry_policy={"max_retries": 3, "interval_start": 0.2},
-                )
-        except PublishError:
-            raise
-        except Exception as exc:
-            # A broken connection is rebuilt for the next batch (the relay retries).
-            self._reset()
-            raise PublishError(f"publish failed: {exc}") from exc
 
 
 def send_start_request(

@@ -16,7 +16,7 @@ _log = logging.getLogger("outbox")
 
 _NOTIFY = "SELECT pg_notify(%s, '')"
 # Rings that come this close together share a notification.
-_COALESCE = 0.005
+_COALESCE = 0.002
 # A failing database is not asked again for each ring.
 _QUIET_AFTER_FAILURE = 1.0
 # An idle thread ends (the next ring starts another), so that a writer no
