@@ -76,3 +76,22 @@ def test_the_long_run_shows_every_round_it_took_the_median_of() -> None:
     table = scale_table({"long_history": long})
     assert "last 100 / first 100 steps: 1.01x" in table
     assert "the median of 3 runs: 0.88x, 1.01x, 1.43x; trends -0.01, 0.03, 0.02" in table
+
+
+def test_the_micro_benchmarks_report_reads_each_variant_and_refuses_bad_options() -> None:
+    from bench import micro
+
+    text = micro.report(
+        {
+            "notify": {"inside": 3209.4, "none": 4781.0, "after": 3848.2},
+            "publish": {
+                "engine, batches of 10": {"cpu_ms_per_message": 0.165, "wall_ms_per_message": 0.35}
+            },
+        }
+    )
+    assert "NOTIFY inside each transaction" in text and "3,209" in text
+    assert "no notification" in text and "4,781" in text
+    assert "engine, batches of 10" in text and "0.165" in text and "0.350" in text
+    with pytest.raises(SystemExit) as exit_info:
+        micro.main(["--rounds", "0"])
+    assert exit_info.value.code == 2
