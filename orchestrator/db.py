@@ -155,7 +155,18 @@ class CoreSession(Session):
             )
         return self.connection().execute(statement, params)
 
+    def commit(self) -> None:
+        super().commit()
+        # What the transaction's work left for after its commit (see after_commit).
+        for callback in self.info.pop(_AFTER_COMMIT, ()):
+            callback()
+
+    def rollback(self) -> None:
+        self.info.pop(_AFTER_COMMIT, None)
+        super().rollback()
+
     def close(self) -> None:
+        self.info.pop(_AFTER_COMMIT, None)
         # Whatever a transaction's work registered to be let go of (see on_close).
         finalizers = self.info.pop(_ON_CLOSE, None)
         try:
@@ -166,6 +177,22 @@ class CoreSession(Session):
 
 
 _ON_CLOSE = "orchestrator.on_close"
+_AFTER_COMMIT = "orchestrator.after_commit"
+
+
+def after_commit(session: Session, callback: Callable[[], object]) -> None:
+    """Have ``callback()`` run right after ``session`` commits; never if it does not.
+
+    For what must not be said of work that may yet roll back (a run's close in
+    the log and the metrics: a decision refused at its commit is made again,
+    and must count once). A session of the engine's (:class:`CoreSession`)
+    holds it until its commit and drops it on a rollback or a close; any other
+    session (an application's own) runs it at once.
+    """
+    if isinstance(session, CoreSession):
+        session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+    else:
+        callback()
 
 
 def on_close(session: Session, finalize: Callable[[Session], object]) -> None:

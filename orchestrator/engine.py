@@ -35,6 +35,7 @@ from orchestrator.activity_runner import (
     EagerObserver,
 )
 from orchestrator.db import (
+    after_commit,
     commit,
     on_close,
     once_more_on_disconnect,
@@ -771,11 +772,9 @@ class Engine:
             outgoing += self._notify_parent(run, status, run.changes)
         if outgoing:
             self.outbox.add(session, outgoing)
-        log.info(
-            "workflow closed %s",
-            status.value,
-            extra={"workflow_id": run.workflow_id, "run_id": run.run_id},
-        )
+        extra = {"workflow_id": run.workflow_id, "run_id": run.run_id}
+        # Said once the close has committed: a close refused at its commit is made again.
+        after_commit(session, lambda: log.info("workflow closed %s", status.value, extra=extra))
 
     def _close_children(self, session: Session, run: LockedRun) -> list[OutboxMessage]:
         children = session.execute(
@@ -887,7 +886,6 @@ class Engine:
         except BaseException:
             self.discard(session)
             raise
-        metrics.flush(session)
 
     def discard(self, session: Session) -> int:
         """Close the instances a transaction took or advanced that will not commit; how many."""
@@ -941,7 +939,6 @@ class Engine:
             save_run(session, run, now)
             self._audit(session, run, "terminate", actor=actor, reason=reason, now=now)
             session.commit()
-            metrics.flush(session)
         dropped = self.cache.take(run_id)
         if dropped is not None:
             dropped.close()

@@ -48,7 +48,7 @@ from sqlalchemy import Connection, case, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator import schema
-from orchestrator.db import as_utc
+from orchestrator.db import after_commit, as_utc
 from orchestrator.policies import RunStatus
 from orchestrator.schema import activity_tasks, outbox_messages, timers, workflow_runs
 
@@ -63,8 +63,6 @@ __all__ = [
     "MetricsServer",
     "SystemCollector",
     "build_registry",
-    "discard",
-    "flush",
     "record_activity",
     "record_run_closed",
     "run_closed",
@@ -127,7 +125,6 @@ _DEAD_LETTER_OPEN = "OPEN"
 # The longest a scrape may keep a database statement running (PostgreSQL).
 _STATEMENT_TIMEOUT_MS = 5000
 _BROKER_TIMEOUT = 5.0
-_PENDING_KEY = "orchestrator.metrics.pending"
 
 
 # --------------------------------------------------------------- in-process durations
@@ -201,27 +198,13 @@ def run_closed(
 ) -> None:
     """A run closes in ``session``'s transaction: observe its duration once that commits.
 
-    The observation waits in the session until :func:`flush` (after the commit)
-    or :func:`discard` (the transaction, or the savepoint the close was made in,
-    rolled back), so a close that is rolled back and done again counts once.
+    The observation waits for the commit (:func:`orchestrator.db.after_commit`),
+    so a close that is rolled back and made again counts once.
     """
     if created_at is None:
         return
     duration = (as_utc(closed_at) - as_utc(created_at)).total_seconds()
-    session.info.setdefault(_PENDING_KEY, []).append(
-        lambda: record_run_closed(workflow_type, status, duration)
-    )
-
-
-def flush(session: Session) -> None:
-    """Record what :func:`run_closed` left in ``session``; call right after its commit."""
-    for record in session.info.pop(_PENDING_KEY, []):
-        record()
-
-
-def discard(session: Session) -> None:
-    """Forget what :func:`run_closed` left in ``session``; its transaction rolled back."""
-    session.info.pop(_PENDING_KEY, None)
+    after_commit(session, lambda: record_run_closed(workflow_type, status, duration))
 
 
 class _InstrumentsCollector:

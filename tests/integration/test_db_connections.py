@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -583,8 +584,9 @@ class ChangedMidStep:
 
 
 def test_a_run_changed_since_the_worker_recorded_it_is_read_again(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
+    database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="orchestrator")
     spy = KnownRunSpy(monkeypatch)
     orchestrator = embedded_on_postgres(database_url, ChangedMidStep)
     other = elsewhere(database_url)
@@ -606,6 +608,15 @@ def test_a_run_changed_since_the_worker_recorded_it_is_read_again(
     # instance that decided too early was closed, and every other one at the end.
     assert spy.recorded == [True, False]
     assert spy.made and spy.left_open() == []
+    # The refused result would have closed the run too: only the close that
+    # committed is logged.
+    closes = [
+        record
+        for record in caplog.records
+        if record.getMessage() == "workflow closed COMPLETED"
+        and getattr(record, "run_id", None) == handle.run_id
+    ]
+    assert len(closes) == 1
     assert types == [
         "WorkflowStarted",
         "ActivityScheduled",

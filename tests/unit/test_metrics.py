@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sample_workflows import ALL_ACTIVITIES, ALL_WORKFLOWS, Job, Pipeline, step, wait_for
+from sqlalchemy import text
 
 import activities as activity
 from activities import ApplicationError, RetryPolicy
@@ -258,13 +259,17 @@ def test_a_run_duration_counts_only_once_its_transaction_commits(
     count = "orchestrator_workflow_run_duration_seconds_count"
     started = handle.describe().created_at
     with orchestrator.engine.sessions() as session:
+        session.execute(text("SELECT 1"))
         metrics.run_closed(session, workflow_type, "COMPLETED", started, utcnow())
-        metrics.discard(session)  # rolled back: nothing to record
-        metrics.flush(session)
+        session.rollback()  # rolled back: nothing to record
+        session.commit()
         assert value(durations(orchestrator), count, workflow_type=workflow_type) is None
+        session.execute(text("SELECT 1"))
         metrics.run_closed(session, workflow_type, "COMPLETED", started, utcnow())
         assert value(durations(orchestrator), count, workflow_type=workflow_type) is None
-        metrics.flush(session)
+        session.commit()
+        metrics.run_closed(session, workflow_type, "COMPLETED", started, utcnow())
+    # Closed without a commit: the last one is dropped.
     found = value(durations(orchestrator), count, workflow_type=workflow_type, status="COMPLETED")
     assert found == 1
 
