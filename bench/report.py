@@ -125,7 +125,7 @@ def comparison_table(results: dict[str, Any]) -> str:
     result_p50 = _get(ours, "sequential", "client_result_ms", "p50")
     if result_p50 is not None:
         lines.append(
-            f"(ours through handle.result(), which polls from 2 ms with back-off: "
+            f"(ours through handle.result(), woken by the close's notification: "
             f"p50 {_num(result_p50)} ms, p99 "
             f"{_num(_get(ours, 'sequential', 'client_result_ms', 'p99'))} ms)"
         )

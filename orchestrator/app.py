@@ -23,6 +23,7 @@ from orchestrator.engine import Engine
 from orchestrator.errors import WorkflowAlreadyStartedError
 from orchestrator.policies import IdConflictPolicy, IdReusePolicy
 from orchestrator.registry import Registry
+from orchestrator.run_closed import ClosedRuns, can_listen
 from orchestrator.settings import Settings
 from outbox.errors import OrchestratorError, PublishError
 from outbox.message import OutboxMessage
@@ -83,6 +84,7 @@ class Orchestrator:
         self._embedded: EmbeddedBroker | None = None
         self._local_queues: frozenset[str] = frozenset()
         self._eager_observer: EagerObserver | None = None
+        self._closed_runs: ClosedRuns | None = None
 
     # -- lazily built parts -------------------------------------------------------
     @property
@@ -91,6 +93,15 @@ class Orchestrator:
             if self._db is None:
                 self._db = create_db_engine(self.settings.database_url)
             return self._db
+
+    @property
+    def closed_runs(self) -> ClosedRuns | None:
+        """Who waits here for runs to close, told when one does; None where runs are polled."""
+        db = self.db
+        with self._lock:
+            if self._closed_runs is None and can_listen(db):
+                self._closed_runs = ClosedRuns(db)
+            return self._closed_runs
 
     @property
     def celery(self) -> Celery:

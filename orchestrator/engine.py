@@ -76,6 +76,7 @@ from orchestrator.instance import ActivityDefaults, WorkflowInstance
 from orchestrator.lifecycle import WorkflowClosed, WorkflowRunStarted, lifecycle_message
 from orchestrator.policies import IdConflictPolicy, IdReusePolicy, ParentClosePolicy, RunStatus
 from orchestrator.registry import Registry
+from orchestrator.run_closed import RUN_CLOSED_CHANNEL
 from orchestrator.runs import (
     PREFETCHED_HISTORY,
     InstanceCache,
@@ -775,6 +776,11 @@ class Engine:
         extra = {"workflow_id": run.workflow_id, "run_id": run.run_id}
         # Said once the close has committed: a close refused at its commit is made again.
         after_commit(session, lambda: log.info("workflow closed %s", status.value, extra=extra))
+        doorbell = self.outbox.doorbell
+        if doorbell is not None:
+            # Wakes whoever waits for the result (see run_closed).
+            run_id = run.run_id
+            after_commit(session, lambda: doorbell.ring(RUN_CLOSED_CHANNEL, run_id))
 
     def _close_children(self, session: Session, run: LockedRun) -> list[OutboxMessage]:
         children = session.execute(

@@ -14,7 +14,8 @@ from outbox.schema import NOTIFY_CHANNEL
 
 _log = logging.getLogger("outbox")
 
-_NOTIFY = "SELECT pg_notify(%s, '')"
+# Every notification since the last send, in one statement (one transaction).
+_NOTIFY = "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS n(c, p)"
 # Rings that come this close together share a notification.
 _COALESCE = 0.002
 # A failing database is not asked again for each ring.
@@ -25,7 +26,7 @@ _IDLE_EXIT = 10.0
 
 
 class Doorbell:
-    """Sends ``NOTIFY`` on :data:`NOTIFY_CHANNEL` from a background thread.
+    """Sends ``NOTIFY`` (by default on :data:`NOTIFY_CHANNEL`) from a background thread.
 
     PostgreSQL serializes the transactions that notify, from their ``NOTIFY``
     to the end of their commit, disk flush included. Notifying from the
@@ -36,12 +37,15 @@ class Doorbell:
     for every ring since the last one, on a connection of its own (one round
     trip, outside the engine's pool, closed when idle). A lost ring (a crash, a
     database error) delays the rows until a relay's safety poll, nothing more.
+    Other channels may ride along (the engine announces closed runs this way
+    to those waiting for their results); each distinct payload since the last
+    send goes out once.
     """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._wake = threading.Condition()
-        self._rung = False
+        self._rung: dict[tuple[str, str], None] = {}
         self._sending = False
         self._pid = 0
         self._conn: Any = None
@@ -54,17 +58,17 @@ class Doorbell:
         # A forked child starts clean: its parent's lock may be held by a thread
         # that does not exist here.
         self._wake = threading.Condition()
-        self._rung = False
+        self._rung = {}
         self._sending = False
         self._pid = 0
         if self._conn is not None:
             self._inherited.append(self._conn)
             self._conn = None
 
-    def ring(self) -> None:
+    def ring(self, channel: str = NOTIFY_CHANNEL, payload: str = "") -> None:
         """Ask for a notification after the caller's commit; returns at once."""
         with self._wake:
-            self._rung = True
+            self._rung[(channel, payload)] = None
             if self._pid != os.getpid():
                 # First use in this process (a forked child inherits no thread).
                 self._pid = os.getpid()
@@ -93,26 +97,27 @@ class Doorbell:
                         self._close()
                         return
                     self._wake.wait(remaining)
-                self._rung = False
+                rung, self._rung = list(self._rung), {}
                 self._sending = True
-            sent = self._send()
+            sent = self._send(rung)
             with self._wake:
                 self._sending = False
                 self._wake.notify_all()
             time.sleep(_COALESCE if sent else _QUIET_AFTER_FAILURE)
 
-    def _send(self) -> bool:
+    def _send(self, rung: list[tuple[str, str]]) -> bool:
         try:
             if self._conn is None:
                 self._conn = self._connect()
             cursor = self._conn.cursor()
             try:
-                cursor.execute(_NOTIFY, (NOTIFY_CHANNEL,))
+                channels, payloads = zip(*rung, strict=True)
+                cursor.execute(_NOTIFY, (list(channels), list(payloads)))
             finally:
                 cursor.close()
         except Exception as exc:
             self._close()
-            _log.warning("waking the outbox relay failed, its poll will find the rows: %s", exc)
+            _log.warning("notifying failed, those listening will find out by polling: %s", exc)
             return False
         return True
 
