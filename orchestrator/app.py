@@ -18,7 +18,7 @@ from sqlalchemy import Engine as DbEngine
 from activities.definition import ActivityDefinition
 from activities.payload import to_payload, validate_input
 from orchestrator.activity_runner import EagerObserver
-from orchestrator.db import create_db_engine, utcnow
+from orchestrator.db import create_db_engine, utcnow, write
 from orchestrator.engine import Engine
 from orchestrator.errors import WorkflowAlreadyStartedError
 from orchestrator.policies import IdConflictPolicy, IdReusePolicy
@@ -161,6 +161,8 @@ class Orchestrator:
                         publish_after_commit=self.settings.publish_after_commit,
                         relay_only_kinds=self._relay_only_kinds,
                         batch_marks=not self.settings.embedded,
+                        # In a pipeline, the insert goes straight to the driver.
+                        insert=write,
                     ),
                     clock=self.clock,
                 )

@@ -898,3 +898,31 @@ def test_the_migrations_drop_the_outbox_insert_trigger_and_bring_it_back_down() 
     assert _outbox_triggers(url) == 0
     migrate.downgrade(url, "0002")
     assert _outbox_triggers(url) == 1
+
+
+def test_a_start_writes_its_outbox_rows_straight_to_the_driver(database_url: str) -> None:
+    orchestrator = embedded_on_postgres(database_url, ThreeSteps)
+    seen: list[str] = []
+
+    def statement(_conn: Any, _cursor: Any, sql: str, *_args: Any) -> None:
+        seen.append(sql)
+
+    event.listen(orchestrator.db, "before_cursor_execute", statement)
+    try:
+        handle = orchestrator.client().start_workflow(
+            ThreeSteps, "go", workflow_id=harness.unique("it-outbox-direct")
+        )
+        first = len(seen)
+        assert handle.result(timeout=20) == "go!!!"
+    finally:
+        event.remove(orchestrator.db, "before_cursor_execute", statement)
+        orchestrator.close()
+    # The start's pipeline sent its rows without SQLAlchemy's execution (and its events).
+    assert not [sql for sql in seen[:first] if "INSERT INTO outbox_messages" in sql]
+    with orchestrator.db.connect() as conn:
+        rows = conn.execute(
+            text("SELECT body FROM outbox_messages WHERE body->>'run_id' = :run_id"),
+            {"run_id": handle.run_id},
+        ).all()
+    # ...bound as SQLAlchemy binds them: the JSON body reads back as written.
+    assert rows and all(row.body["run_id"] == handle.run_id for row in rows)
