@@ -230,6 +230,9 @@ class Orchestrator:
             self._embedded.stop()
         if self._engine is not None:
             self._engine.cache.clear()
+        if self._closed_runs is not None:
+            self._closed_runs.close()
+            self._closed_runs = None
         if self._db is not None:
             self._db.dispose()
 

@@ -36,7 +36,8 @@ _READY_TIMEOUT = 2.0
 _IDLE_EXIT = 10.0
 # After a failure to listen, waiters poll for this long before it is tried again.
 _RETRY_AFTER = 5.0
-_TURN = 0.5
+# How often the listening thread looks up from the connection (to stop, to idle out).
+_TURN = 0.2
 
 
 class ClosedRuns:
@@ -52,7 +53,9 @@ class ClosedRuns:
         self._lock = threading.Lock()
         self._waiters: dict[str, set[threading.Event]] = {}
         self._listening: threading.Event | None = None
+        self._thread: threading.Thread | None = None
         self._failed_until = 0.0
+        self._closed = False
 
     def subscribe(self, run_id: str) -> threading.Event | None:
         """An event set when ``run_id`` may have closed; None if this process cannot listen.
@@ -62,15 +65,16 @@ class ClosedRuns:
         """
         event = threading.Event()
         with self._lock:
-            if time.monotonic() < self._failed_until:
+            if self._closed or time.monotonic() < self._failed_until:
                 return None
             self._waiters.setdefault(run_id, set()).add(event)
             listening = self._listening
             if listening is None:
                 listening = self._listening = threading.Event()
-                threading.Thread(
+                self._thread = threading.Thread(
                     target=self._listen, args=(listening,), name="run-closed-listener", daemon=True
-                ).start()
+                )
+                self._thread.start()
         if not listening.wait(_READY_TIMEOUT):
             self.unsubscribe(run_id, event)
             return None
@@ -96,6 +100,9 @@ class ClosedRuns:
                         for event in self._waiters.get(note.payload, ()):
                             event.set()
                 with self._lock:
+                    if self._closed:
+                        self._listening = None
+                        return
                     if self._waiters:
                         idle_since = None
                     elif idle_since is None:
@@ -118,6 +125,17 @@ class ClosedRuns:
                     conn.close()
                 except Exception:  # pragma: no cover - closing a broken connection
                     log.debug("closing the listening connection failed", exc_info=True)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop listening (waiters left poll) and wait a little for the connection to close."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+            for waiting in self._waiters.values():
+                for event in waiting:
+                    event.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _connect(self) -> Any:
         raw = self._engine.raw_connection()

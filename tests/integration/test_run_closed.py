@@ -75,6 +75,13 @@ def test_a_waiting_result_is_told_when_the_run_closes(orchestrator: Orchestrator
     assert result == "go!"
     # Half a second of activity, then the notification: far from a five-second poll.
     assert took < 3.0, took
+    closed_runs = orchestrator.closed_runs
+    assert closed_runs is not None
+    listener = closed_runs._thread
+    assert listener is not None and listener.is_alive()
+    # Closing the orchestrator stops listening: no connection outlives it.
+    orchestrator.close()
+    assert not listener.is_alive()
 
 
 def test_without_a_listening_connection_the_wait_falls_back_to_polling(
