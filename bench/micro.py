@@ -62,8 +62,16 @@ def _commit_rate(url: str, table: str, mode: str, seconds: float) -> float:
 
     stop = threading.Event()
     counts = [0] * _CONNECTIONS
+    errors: list[BaseException] = []
 
     def run(slot: int) -> None:
+        try:
+            commit_loop(slot)
+        except BaseException as exc:  # reported below: a failed thread is not a slow one
+            errors.append(exc)
+            stop.set()
+
+    def commit_loop(slot: int) -> None:
         with psycopg.connect(url) as conn, psycopg.connect(url, autocommit=True) as bell:
             bell.execute("SET synchronous_commit TO off")
             done = 0
@@ -84,6 +92,8 @@ def _commit_rate(url: str, table: str, mode: str, seconds: float) -> float:
     stop.set()
     for thread in threads:
         thread.join()
+    if errors:
+        raise RuntimeError(f"a committing connection failed: {errors[0]}") from errors[0]
     return sum(counts) / seconds
 
 

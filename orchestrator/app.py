@@ -230,6 +230,7 @@ class Orchestrator:
             self._embedded.stop()
         if self._engine is not None:
             self._engine.cache.clear()
+            self._engine.outbox.close()
         if self._closed_runs is not None:
             self._closed_runs.close()
             self._closed_runs = None

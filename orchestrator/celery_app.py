@@ -76,6 +76,9 @@ def create_celery(orchestrator: Orchestrator) -> Celery:
     dlx = settings.dead_letter_exchange
     app.conf.update(
         task_acks_late=True,
+        # A failed attempt's task raises AttemptFailedError after recording it:
+        # its message is done with, not for the dead-letter exchange.
+        task_acks_on_failure_or_timeout=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,

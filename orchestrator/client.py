@@ -259,8 +259,8 @@ class Client:
 
     # -- used by handles --------------------------------------------------------
     def _describe(self, run_id: str) -> RunDescription:
-        # One read, so no transaction around it: one round trip instead of
-        # three (BEGIN, the read, ROLLBACK), the last step of every result().
+        # One read, so no transaction around it: on PostgreSQL one round trip
+        # instead of three (BEGIN, the read, ROLLBACK), the last step of every result().
         with self._orchestrator.db.connect() as connection:
             row = (
                 connection.execution_options(isolation_level="AUTOCOMMIT")

@@ -155,18 +155,7 @@ class CoreSession(Session):
             )
         return self.connection().execute(statement, params)
 
-    def commit(self) -> None:
-        super().commit()
-        # What the transaction's work left for after its commit (see after_commit).
-        for callback in self.info.pop(_AFTER_COMMIT, ()):
-            callback()
-
-    def rollback(self) -> None:
-        self.info.pop(_AFTER_COMMIT, None)
-        super().rollback()
-
     def close(self) -> None:
-        self.info.pop(_AFTER_COMMIT, None)
         # Whatever a transaction's work registered to be let go of (see on_close).
         finalizers = self.info.pop(_ON_CLOSE, None)
         try:
@@ -181,18 +170,34 @@ _AFTER_COMMIT = "orchestrator.after_commit"
 
 
 def after_commit(session: Session, callback: Callable[[], object]) -> None:
-    """Have ``callback()`` run right after ``session`` commits; never if it does not.
+    """Have ``callback()`` run right after ``session``'s transaction commits; never if it does not.
 
     For what must not be said of work that may yet roll back (a run's close in
-    the log and the metrics: a decision refused at its commit is made again,
-    and must count once). A session of the engine's (:class:`CoreSession`)
-    holds it until its commit and drops it on a rollback or a close; any other
-    session (an application's own) runs it at once.
+    the log, the metrics and the notification to those waiting: a decision
+    refused at its commit is made again, and must count once). Any session,
+    the engine's or an application's, however it commits; dropped when its
+    transaction ends otherwise (a rollback, a close). A callback that fails is
+    logged: the commit it follows has happened.
     """
-    if isinstance(session, CoreSession):
-        session.info.setdefault(_AFTER_COMMIT, []).append(callback)
-    else:
-        callback()
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+@event.listens_for(Session, "after_commit")
+def _run_after_commit(session: Session) -> None:
+    # Releasing a savepoint also reports a commit; only the outermost one counts.
+    if session.in_nested_transaction():
+        return
+    for callback in session.info.pop(_AFTER_COMMIT, ()):
+        try:
+            callback()
+        except Exception:
+            log.exception("a step after a commit failed (the commit stands)")
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _drop_after_commit(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:
+        session.info.pop(_AFTER_COMMIT, None)
 
 
 def on_close(session: Session, finalize: Callable[[Session], object]) -> None:

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any
 
 from psycopg import sql
@@ -46,7 +47,9 @@ class ClosedRuns:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._forget()
-        os.register_at_fork(after_in_child=self._forget)
+        # Through a weak reference: the hook must not keep this (and its engine) alive.
+        this = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget(this))
 
     def _forget(self) -> None:
         # A forked child has no listening thread; it starts its own when needed.
@@ -75,7 +78,8 @@ class ClosedRuns:
                     target=self._listen, args=(listening,), name="run-closed-listener", daemon=True
                 )
                 self._thread.start()
-        if not listening.wait(_READY_TIMEOUT):
+        # Set once listening, or at once when connecting failed.
+        if not listening.wait(_READY_TIMEOUT) or time.monotonic() < self._failed_until:
             self.unsubscribe(run_id, event)
             return None
         return event
@@ -115,6 +119,7 @@ class ClosedRuns:
             with self._lock:
                 self._failed_until = time.monotonic() + _RETRY_AFTER
                 self._listening = None
+                listening.set()
                 # Whoever waits reads the run again, then polls.
                 for waiting in self._waiters.values():
                     for event in waiting:
@@ -150,6 +155,12 @@ class ClosedRuns:
             driver.close()
             raise
         return driver
+
+
+def _forget(ref: weakref.ref[ClosedRuns]) -> None:
+    closed_runs = ref()
+    if closed_runs is not None:
+        closed_runs._forget()
 
 
 def can_listen(engine: Engine) -> bool:

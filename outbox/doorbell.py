@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any
 
 from sqlalchemy import Engine
@@ -20,8 +22,7 @@ _NOTIFY = "SELECT pg_notify(c, p) FROM unnest(%s::text[], %s::text[]) AS n(c, p)
 _COALESCE = 0.002
 # A failing database is not asked again for each ring.
 _QUIET_AFTER_FAILURE = 1.0
-# An idle thread ends (the next ring starts another), so that a writer no
-# longer used does not keep a thread and its engine alive.
+# An idle thread ends, closing its connection (the next ring starts another).
 _IDLE_EXIT = 10.0
 
 
@@ -52,7 +53,12 @@ class Doorbell:
         # Connections a forked child inherited: closing one would end the
         # parent's session too, so the child keeps them, unused.
         self._inherited: list[Any] = []
-        os.register_at_fork(after_in_child=self._forget)
+        self._closed = False
+        # Through a weak reference: the hook must not keep this (and its engine) alive.
+        this = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget(this))
+        # A short script's last rings still go out when it exits.
+        atexit.register(_send_at_exit, this)
 
     def _forget(self) -> None:
         # A forked child starts clean: its parent's lock may be held by a thread
@@ -68,6 +74,8 @@ class Doorbell:
     def ring(self, channel: str = NOTIFY_CHANNEL, payload: str = "") -> None:
         """Ask for a notification after the caller's commit; returns at once."""
         with self._wake:
+            if self._closed:
+                return
             self._rung[(channel, payload)] = None
             if self._pid != os.getpid():
                 # First use in this process (a forked child inherits no thread).
@@ -86,13 +94,20 @@ class Doorbell:
                 self._wake.wait(remaining)
         return True
 
+    def close(self, timeout: float = 1.0) -> None:
+        """Send what was rung (waiting up to ``timeout``), then stop and close the connection."""
+        self.wait_idle(timeout)
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+
     def _run(self) -> None:
         while True:
             with self._wake:
                 idle_until = time.monotonic() + _IDLE_EXIT
                 while not self._rung:
                     remaining = idle_until - time.monotonic()
-                    if remaining <= 0:
+                    if remaining <= 0 or self._closed:
                         self._pid = 0
                         self._close()
                         return
@@ -148,3 +163,15 @@ class Doorbell:
                 conn.close()
             except Exception:  # pragma: no cover - closing a broken connection
                 _log.debug("closing the doorbell's connection failed", exc_info=True)
+
+
+def _forget(ref: weakref.ref[Doorbell]) -> None:
+    doorbell = ref()
+    if doorbell is not None:
+        doorbell._forget()
+
+
+def _send_at_exit(ref: weakref.ref[Doorbell]) -> None:
+    doorbell = ref()
+    if doorbell is not None:
+        doorbell.wait_idle(1.0)

@@ -201,6 +201,13 @@ class OutboxWriter:
         writers: dict[OutboxWriter, list[_Pending]] = session.info.setdefault(_WRITERS, {})
         writers.setdefault(self, []).extend(_Pending(message, transaction) for message in batch)
 
+    def close(self) -> None:
+        """Mark what was published and send the pending wake-ups (a clean shutdown)."""
+        if self._marker is not None:
+            self._marker.flush()
+        if self.doorbell is not None:
+            self.doorbell.close()
+
     def _publishes(self, message: OutboxMessage) -> bool:
         """Whether this writer publishes ``message`` after commit (else only the relay does)."""
         return self.publish_after_commit and message.kind not in self.relay_only_kinds

@@ -703,6 +703,7 @@ def test_only_claims_and_outbox_marks_commit_without_waiting_for_their_flush(
     assert len([sql for sql in flagged if "UPDATE activity_tasks AS a" in sql]) == 3
     # Anything else flagged marks published outbox rows (a lost mark only sends again).
     others = [sql for sql in flagged if "UPDATE activity_tasks AS a" not in sql]
+    assert others
     assert all(sql.startswith("UPDATE outbox_messages SET published_at") for sql in others), others
 
 
