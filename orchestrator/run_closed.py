@@ -26,6 +26,8 @@ from typing import Any
 from psycopg import sql
 from sqlalchemy import Engine
 
+from outbox.dedicated import dedicated_connection
+
 log = logging.getLogger("orchestrator.results")
 
 RUN_CLOSED_CHANNEL = "orchestrator_run_closed"
@@ -143,18 +145,8 @@ class ClosedRuns:
             thread.join(timeout)
 
     def _connect(self) -> Any:
-        raw = self._engine.raw_connection()
-        driver: Any = raw.driver_connection
-        # Detached: it keeps the engine's connect arguments but takes no pool slot.
-        raw.detach()
-        try:
-            driver.rollback()
-            driver.autocommit = True
-            driver.execute(sql.SQL("LISTEN {}").format(sql.Identifier(RUN_CLOSED_CHANNEL)))
-        except BaseException:
-            driver.close()
-            raise
-        return driver
+        listen = sql.SQL("LISTEN {}").format(sql.Identifier(RUN_CLOSED_CHANNEL))
+        return dedicated_connection(self._engine, [listen])
 
 
 def _forget(ref: weakref.ref[ClosedRuns]) -> None:

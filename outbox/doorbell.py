@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from outbox.dedicated import dedicated_connection
 from outbox.schema import NOTIFY_CHANNEL
 
 _log = logging.getLogger("outbox")
@@ -137,24 +138,9 @@ class Doorbell:
         return True
 
     def _connect(self) -> Any:
-        raw = self._engine.raw_connection()
-        driver: Any = raw.driver_connection
-        # Detached, it keeps the engine's connect arguments but takes no pool slot.
-        raw.detach()
-        try:
-            driver.rollback()
-            driver.autocommit = True
-            cursor = driver.cursor()
-            try:
-                # Each notification is a transaction of its own that need not
-                # wait for the disk: a lost one only leaves rows to the poll.
-                cursor.execute("SET synchronous_commit TO off")
-            finally:
-                cursor.close()
-        except BaseException:
-            driver.close()
-            raise
-        return driver
+        # Each notification is a transaction of its own that need not wait for
+        # the disk: a lost one only leaves rows to the poll.
+        return dedicated_connection(self._engine, ["SET synchronous_commit TO off"])
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None

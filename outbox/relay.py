@@ -14,13 +14,14 @@ from sqlalchemy.engine import Row, RowMapping
 from sqlalchemy.sql.elements import ColumnElement
 
 from outbox.crashpoints import crash_point
+from outbox.dedicated import dedicated_connection
 from outbox.errors import PublishError
 from outbox.message import OutboxMessage
 from outbox.publisher import Publisher
 from outbox.schema import NOTIFY_CHANNEL, outbox_messages
 
 if TYPE_CHECKING:
-    import psycopg
+    pass
 
 _log = logging.getLogger("outbox.relay")
 
@@ -62,26 +63,10 @@ class _Listener:
     """A dedicated autocommit connection subscribed to :data:`NOTIFY_CHANNEL`."""
 
     def __init__(self, engine: Engine) -> None:
-        import psycopg
         from psycopg import sql
 
-        raw = engine.raw_connection()
-        # Read before detaching: a detached connection no longer reports it.
-        driver = raw.driver_connection
-        # Detached, the connection keeps the engine's connect arguments and hooks
-        # but no longer occupies a pool slot for the relay's whole lifetime.
-        raw.detach()
-        if not isinstance(driver, psycopg.Connection):  # pragma: no cover - guarded by caller
-            raw.close()
-            raise TypeError("listening needs a psycopg connection")
-        self._conn: psycopg.Connection[Any] = driver
-        try:
-            self._conn.rollback()
-            self._conn.autocommit = True
-            self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
-        except BaseException:
-            self.close()
-            raise
+        listen = sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL))
+        self._conn: Any = dedicated_connection(engine, [listen])
 
     def wait(self, timeout: float, stop: threading.Event) -> bool:
         """Wait up to ``timeout`` seconds for a notification; return whether one came."""
