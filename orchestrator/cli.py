@@ -112,6 +112,7 @@ def _serve_metrics(args: argparse.Namespace, orchestrator: Orchestrator) -> None
         addr=orchestrator.settings.metrics_address,
         multiprocess=args.command == "worker",
         system=orchestrator.settings.metrics_system,
+        token=_metrics_token(orchestrator.settings),
     )
 
 
@@ -126,7 +127,13 @@ def _serve_subscriber_metrics(args: argparse.Namespace, settings: Settings) -> N
         addr=settings.metrics_address,
         system=settings.metrics_system,
         events=True,
+        token=_metrics_token(settings),
     )
+
+
+def _metrics_token(settings: Settings) -> str | None:
+    token = settings.metrics_token
+    return token.get_secret_value() if token is not None else None
 
 
 def _until_signalled(run: Callable[[threading.Event], None]) -> int:

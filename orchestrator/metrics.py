@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hmac
 import logging
 import os
 import shutil
@@ -40,7 +41,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -53,8 +56,6 @@ from orchestrator.policies import RunStatus
 from orchestrator.schema import activity_tasks, outbox_messages, timers, workflow_runs
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
     from orchestrator.app import Orchestrator
 
 __all__ = [
@@ -850,6 +851,7 @@ def start_metrics_server(
     multiprocess: bool = False,
     system: bool = True,
     events: bool = False,
+    token: str | None = None,
 ) -> MetricsServer:
     """Serve ``/metrics`` on ``addr:port`` from a background thread of this process.
 
@@ -862,6 +864,8 @@ def start_metrics_server(
         system: Also report the counts and backlogs read from the database and
             the broker (the same in every process).
         events: Also report the subscriber groups of domain events.
+        token: When set, every request must carry ``Authorization: Bearer
+            <token>``; others get 401 and nothing is read.
     """
     from prometheus_client import start_http_server
 
@@ -869,7 +873,46 @@ def start_metrics_server(
     registry = build_registry(
         orchestrator, multiprocess_dir=directory, system=system, events=events
     )
-    server, thread = start_http_server(port, addr=addr, registry=registry)
+    if token:
+        server, thread = _serve_guarded(port, addr, registry, token)
+    else:
+        server, thread = start_http_server(port, addr=addr, registry=registry)
     actual = int(server.server_port)
     log.info("metrics endpoint on http://%s:%d/metrics", addr, actual)
     return MetricsServer(port=actual, registry=registry, _server=server, _thread=thread)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a log line each."""
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def _serve_guarded(
+    port: int, addr: str, registry: CollectorRegistry, token: str
+) -> tuple[WSGIServer, threading.Thread]:
+    """The endpoint behind a bearer token (Prometheus: ``authorization: credentials``)."""
+    from prometheus_client import make_wsgi_app
+
+    app = make_wsgi_app(registry)
+    expected = f"Bearer {token}".encode()
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        given = str(environ.get("HTTP_AUTHORIZATION", "")).encode()
+        # In constant time: the comparison must not tell how much of a guess was right.
+        if not hmac.compare_digest(given, expected):
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="metrics"')],
+            )
+            return [b"unauthorized\n"]
+        result: Iterable[bytes] = app(environ, start_response)
+        return result
+
+    server = make_server(addr, port, guarded, _ThreadingServer, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-endpoint", daemon=True)
+    thread.start()
+    return server, thread

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_BROKER = "embedded://"
@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     )
     metrics_address: str = Field(
         default="0.0.0.0", description="Address the Prometheus endpoint listens on."
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="When set, the Prometheus endpoint requires 'Authorization: Bearer <token>'.",
     )
     metrics_system: bool = Field(
         default=True,

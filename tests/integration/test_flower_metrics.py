@@ -296,6 +296,33 @@ def test_subscribers_serve_their_groups(module_procs: harness.ProcessGroup) -> N
     proc.terminate()
 
 
+def test_a_relay_with_a_metrics_token_answers_only_who_presents_it(
+    module_procs: harness.ProcessGroup,
+) -> None:
+    port = free_port()
+    proc = module_procs.relay(
+        "token-relay",
+        env={"ORCHESTRATOR_METRICS_PORT": str(port), "ORCHESTRATOR_METRICS_TOKEN": "s3cret"},
+    )
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def refused() -> int | None:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except OSError:
+            return None  # not listening yet
+        return 200
+
+    assert harness.wait_until(refused, 30, "the relay's endpoint") == 401
+    request = urllib.request.Request(url, headers={"Authorization": "Bearer s3cret"})
+    with urllib.request.urlopen(request, timeout=15) as response:
+        assert response.status == 200
+        assert "orchestrator_metrics_source_up" in response.read().decode()
+    proc.terminate()
+
+
 # -------------------------------------------------------------------------- Flower
 def flower_get(port: int, path: str, *, auth: tuple[str, str] | None) -> tuple[int, Any]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")

@@ -338,6 +338,48 @@ def test_the_http_endpoint_serves_the_counts(orchestrator: Orchestrator) -> None
     assert value(samples, "process_cpu_seconds_total") is not None
 
 
+def test_with_a_token_the_endpoint_answers_only_who_presents_it(
+    orchestrator: Orchestrator,
+) -> None:
+    import urllib.error
+
+    run_three_pipelines(orchestrator)
+    server = metrics.start_metrics_server(orchestrator, 0, addr="127.0.0.1", token="s3cret")
+    url = f"http://127.0.0.1:{server.port}/metrics"
+
+    def fetch(authorization: str | None) -> tuple[int, str, dict[str, str]]:
+        request = urllib.request.Request(url)
+        if authorization is not None:
+            request.add_header("Authorization", authorization)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read().decode(), dict(response.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(), dict(exc.headers)
+
+    try:
+        for wrong in (None, "Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret"):
+            status, body, headers = fetch(wrong)
+            assert status == 401, wrong
+            assert body == "unauthorized\n" and "orchestrator_" not in body
+            assert headers["WWW-Authenticate"] == 'Bearer realm="metrics"'
+        status, body, _ = fetch("Bearer s3cret")
+    finally:
+        server.close()
+    assert status == 200
+    started = value(
+        parse(body), "orchestrator_workflow_runs_started_total", workflow_type="Pipeline"
+    )
+    assert started == 3
+
+
+def test_the_token_setting_is_kept_secret() -> None:
+    settings = Settings(metrics_token="s3cret")
+    assert settings.metrics_token is not None
+    assert settings.metrics_token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.model_dump())
+
+
 def test_names_follow_prometheus_conventions_and_are_documented(
     orchestrator: Orchestrator,
 ) -> None:
