@@ -62,9 +62,13 @@ class _Link:
         self.declared: set[str] = set()
 
     def send(self, message: Any, routing_key: str) -> None:
+        self.sent()
+        self.channel.basic_publish(message, exchange="", routing_key=routing_key)
+
+    def sent(self) -> None:
+        """Count one more publish on the channel: its confirm is awaited."""
         self.unconfirmed.add(self.next_tag)
         self.next_tag += 1
-        self.channel.basic_publish(message, exchange="", routing_key=routing_key)
 
     def _confirmed(self, delivery_tag: int, multiple: bool) -> set[int]:
         done = (
@@ -212,8 +216,7 @@ class CeleryPublisher:
                 # A reconnection inside kombu would leave confirm mode behind.
                 retry=False,
             )
-            link.unconfirmed.add(link.next_tag)
-            link.next_tag += 1
+            link.sent()
             link.wait_confirmed(CONFIRM_TIMEOUT)
 
 

@@ -60,11 +60,15 @@ def result_after_release(orchestrator: Orchestrator) -> tuple[Any, float]:
     """Start a run, release its activity once the wait began; the result and how long it took."""
     handle = orchestrator.client().start_workflow(Held, "go", workflow_id=harness.unique("closed"))
 
-    def release_soon() -> None:
-        time.sleep(0.5)
+    def release_once_waiting() -> None:
+        # result() counts itself as waiting once it has subscribed (or given up
+        # listening): only then may the run close.
+        harness.wait_until(
+            lambda: orchestrator.waiting_for_results > 0, 20, "result() to wait", interval=0.01
+        )
         RELEASE.set()
 
-    threading.Thread(target=release_soon, daemon=True).start()
+    threading.Thread(target=release_once_waiting, daemon=True).start()
     began = time.monotonic()
     result = handle.result(timeout=30)
     return result, time.monotonic() - began
@@ -73,7 +77,7 @@ def result_after_release(orchestrator: Orchestrator) -> tuple[Any, float]:
 def test_a_waiting_result_is_told_when_the_run_closes(orchestrator: Orchestrator) -> None:
     result, took = result_after_release(orchestrator)
     assert result == "go!"
-    # Half a second of activity, then the notification: far from a five-second poll.
+    # Released as the wait began, then the notification: far from a five-second poll.
     assert took < 3.0, took
     closed_runs = orchestrator.closed_runs
     assert closed_runs is not None
@@ -96,7 +100,7 @@ def test_without_a_listening_connection_the_wait_falls_back_to_polling(
     monkeypatch.setattr(ClosedRuns, "_connect", refuse)
     result, took = result_after_release(orchestrator)
     assert result == "go!"
-    # Half a second of activity and polls of 0.2 s: the failed listening did
+    # Released as the wait began, with polls of 0.2 s: the failed listening did
     # not hold the wait up (it used to, for two seconds).
     assert took < 1.5, took
     closed_runs = orchestrator.closed_runs
