@@ -1,0 +1,96 @@
+"""The hot path's statements reach their rows by primary key, whatever the planner knows.
+
+A new database's tables have no statistics, and a statement psycopg has
+prepared keeps the plan it got then for as long as its connection lives. A
+plan that reaches one run through an index of *all* running runs (or of all
+scheduled attempts) costs nothing on an empty table and grows with every open
+run. Each statement here is planned as a prepared statement would be
+(``plan_cache_mode = force_generic_plan``) on empty tables the planner has
+never analysed, in a schema of the test's own, and every scan of the engine's
+tables in it must go through that table's primary key.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.sql.expression import Executable
+
+from orchestrator.activity_runner import _CLAIM_AT_ONCE, _COMPLETE_ATTEMPT, _COMPLETE_OR_REFUSE
+from orchestrator.runs import _RUN_UNCHANGED, LOAD_HISTORY, LOCK_RUN
+from orchestrator.schema import metadata
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+RUN = {"b_run_id": "r-1"}
+ATTEMPT = {**RUN, "b_activity_id": "1", "b_attempt": 1, "b_now": NOW}
+
+STATEMENTS: dict[str, tuple[Executable, dict[str, Any]]] = {
+    "known-run check": (
+        _RUN_UNCHANGED,
+        {**RUN, "b_status": "RUNNING", "b_length": 2, "b_processed": 2, "b_cancel": False},
+    ),
+    "claim at once": (_CLAIM_AT_ONCE, {**ATTEMPT, "b_types": ["step_one"]}),
+    "complete or refuse": (_COMPLETE_OR_REFUSE, ATTEMPT),
+    "complete attempt": (_COMPLETE_ATTEMPT, ATTEMPT),
+    "lock run": (LOCK_RUN, RUN),
+    "load history": (LOAD_HISTORY, {**RUN, "b_after": 0}),
+}
+TABLES = ("workflow_runs", "activity_tasks", "workflow_events")
+
+
+@pytest.fixture
+def fresh_tables(db: Engine) -> Iterator[Connection]:
+    """The engine's tables, empty and never analysed, in a schema of their own (rolled back)."""
+    schema = f"plans_{uuid.uuid4().hex[:8]}"
+    with db.connect() as conn:
+        transaction = conn.begin()
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+        conn.execute(text(f"SET LOCAL search_path TO {schema}"))
+        metadata.create_all(conn)
+        conn.execute(text("SET LOCAL plan_cache_mode TO force_generic_plan"))
+        try:
+            yield conn
+        finally:
+            transaction.rollback()
+
+
+def scans(conn: Connection, statement: Executable, params: dict[str, Any]) -> list[tuple[str, str]]:
+    """(table, how it is read) for every scan of the engine's tables in the statement's plan."""
+    compiled: Any = statement.compile(dialect=conn.dialect)  # type: ignore[attr-defined]
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    cursor.execute("EXPLAIN (FORMAT JSON) " + compiled.string, compiled.construct_params(params))
+    plan = cursor.fetchone()[0]
+    document = plan if isinstance(plan, list) else json.loads(plan)
+    found: list[tuple[str, str]] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        if node.get("Relation Name") in TABLES and "Scan" in node["Node Type"]:
+            found.append(
+                (node["Relation Name"], f"{node['Node Type']} {node.get('Index Name', '')}")
+            )
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(document[0]["Plan"])
+    return found
+
+
+@pytest.mark.parametrize("name", list(STATEMENTS))
+def test_hot_statements_use_primary_keys_on_tables_without_statistics(
+    fresh_tables: Connection, name: str
+) -> None:
+    statement, params = STATEMENTS[name]
+    found = scans(fresh_tables, statement, params)
+    assert found, f"{name}: no scan of {TABLES} in its plan"
+    for table, how in found:
+        assert how.strip() in (f"Index Scan pk_{table}", f"Index Only Scan pk_{table}"), (
+            f"{name} reads {table} by {how!r}, not by its primary key"
+        )
