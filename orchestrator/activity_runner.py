@@ -146,8 +146,9 @@ _CLAIM_WITHOUT_FLUSH = text("SET LOCAL synchronous_commit TO OFF")
 # (the same as ``=`` on a column that is never null) does not let the planner
 # use the partial index of scheduled attempts, and the run is read in a
 # subquery the planner keeps apart (``OFFSET 0``), so the partial indexes of
-# open runs stay out too. On tables it has no figures for (a new database) it
-# otherwise read every scheduled attempt and every open run for each claim.
+# open runs stay out too. On tables it has no statistics for yet (a new
+# database, until autovacuum first analyzes it) it otherwise read every
+# scheduled attempt and every open run for each claim.
 _CLAIM_AT_ONCE = text(
     """
     UPDATE activity_tasks AS a

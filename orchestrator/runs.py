@@ -102,10 +102,11 @@ _UPDATE_RUN = update(workflow_runs).where(workflow_runs.c.run_id == bindparam("b
 # Locks the run if it is still as ``known`` (see known_run_check) and refuses,
 # with a division by zero, if it is not: someone else changed it since.
 # ``IS NOT DISTINCT FROM`` (the same as ``=`` on a column that is never null)
-# keeps the status index out of the plan: on tables the planner has no figures
-# for (a new database), a prepared check otherwise reached its run through
-# that index, by reading every running run, for as long as its connection
-# lived (see tests/integration/test_query_plans.py).
+# keeps the status index out of the plan: on tables the planner has no
+# statistics for yet (a new database, until autovacuum first analyzes it), the
+# check otherwise reached its run through that index, reading every running
+# run, and a prepared check kept that plan until then (see
+# tests/integration/test_query_plans.py).
 _RUN_UNCHANGED = text(
     """
     SELECT 1 / count(*) AS unchanged FROM (

@@ -1,9 +1,10 @@
 """The hot path's statements reach their rows by primary key, whatever the planner knows.
 
-A new database's tables have no statistics, and a statement psycopg has
-prepared keeps the plan it got then for as long as its connection lives. A
+A new database's tables have no statistics until autovacuum first analyzes
+them, and a statement psycopg has prepared keeps the plan it got until then. A
 plan that reaches one run through an index of *all* running runs (or of all
 scheduled attempts) costs nothing on an empty table and grows with every open
+run: on the benchmark's new database, every step's check read every running
 run. Each statement here is planned as a prepared statement would be
 (``plan_cache_mode = force_generic_plan``) on empty tables the planner has
 never analysed, in a schema of the test's own, and every scan of the engine's
