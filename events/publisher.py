@@ -92,19 +92,25 @@ class EventPublisher:
                 for message in messages:
                     self._publish_one(producer, message)
             except TopologyError as exc:
-                self._reset()
+                self._reset(abandon=True)
                 raise PublishError(str(exc)) from exc
             except Exception as exc:
                 # Whatever state the connection is in, the next batch starts afresh.
-                self._reset()
+                self._reset(abandon=True)
                 raise PublishError(f"publishing events failed: {exc!r}") from exc
 
     def _ensure_producer(self) -> Any:
         if self._producer is None:
             from events._broker import kombu
 
+            # A broker that has blocked its publishers (a memory or disk alarm)
+            # stops reading: a write gives up as a confirm does.
             connection = kombu.Connection(
-                self.broker_url, transport_options={"confirm_publish": True}
+                self.broker_url,
+                transport_options={
+                    "confirm_publish": True,
+                    "write_timeout": self.confirm_timeout,
+                },
             )
             try:
                 connection.ensure_connection(max_retries=1)
@@ -149,19 +155,25 @@ class EventPublisher:
             **properties,
         )
 
-    def _reset(self) -> None:
+    def _reset(self, *, abandon: bool) -> None:
         connection, self._connection, self._producer = self._connection, None, None
         self._declared.clear()
-        if connection is not None:
-            try:
+        if connection is None:
+            return
+        try:
+            if abandon:
+                # After a failure, without a word to the broker: closing politely
+                # waits for its replies, and a blocked broker sends none.
+                connection.collect()
+            else:
                 connection.release()
-            except Exception:  # pragma: no cover - closing a broken connection
-                _log.debug("closing the event publisher's connection failed", exc_info=True)
+        except Exception:  # pragma: no cover - closing a broken connection
+            _log.debug("closing the event publisher's connection failed", exc_info=True)
 
     def close(self) -> None:
         """Close the broker connection (the next publish opens a new one)."""
         with self._lock:
-            self._reset()
+            self._reset(abandon=False)
 
     def __enter__(self) -> EventPublisher:
         return self

@@ -36,10 +36,12 @@ from outbox.errors import PublishError
 from outbox.message import OutboxMessage
 
 _CONFIRMS = [spec.Basic.Ack, spec.Basic.Nack]
-# How long a batch waits for the broker's confirms before it is left to the
-# relay. (A broker that stops reading, under flow control, can still hold the
-# publish itself: py-amqp sets no timeout on writes.)
-CONFIRM_TIMEOUT = 30.0
+# How long a batch waits for the broker's confirms, and a write for the broker
+# to take it, before the batch is left to the relay. A confirm takes a
+# millisecond; a broker that has blocked its publishers (a memory or disk
+# alarm) sends none and stops reading, and a start that waits on it would hold
+# its caller for as long as the alarm lasts. Its run is committed either way.
+CONFIRM_TIMEOUT = 5.0
 _PERSISTENT = 2
 
 
@@ -47,7 +49,9 @@ class _Link:
     """One thread's connection and channel in confirm mode, and what it declared."""
 
     def __init__(self, broker_url: str) -> None:
-        self.connection = Connection(broker_url)
+        self.connection = Connection(
+            broker_url, transport_options={"write_timeout": CONFIRM_TIMEOUT}
+        )
         channel: Any = self.connection.default_channel
         channel.confirm_select()
         # Confirms are counted as the channel reads them, whenever that is: a
@@ -93,9 +97,15 @@ class _Link:
         if refused:
             raise PublishError(f"the broker refused {refused} message(s)")
 
-    def release(self) -> None:
+    def abandon(self) -> None:
+        """Drop the connection without a word to the broker.
+
+        Only a link that failed is dropped, and closing it politely would wait
+        for the broker's replies: a blocked broker sends none, and the close
+        would wait for ever.
+        """
         with contextlib.suppress(Exception):
-            self.connection.release()
+            self.connection.collect()
 
 
 class CeleryPublisher:
@@ -132,7 +142,7 @@ class CeleryPublisher:
         link: _Link | None = getattr(self._local, "link", None)
         self._local.link = None
         if link is not None:
-            link.release()
+            link.abandon()
 
     def publish(self, messages_: Sequence[OutboxMessage]) -> None:
         for message in messages_:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -623,3 +623,36 @@ def assert_history_sound(history: Sequence[RecordedEvent]) -> None:
     ]
     assert len(closing) == 1, f"expected one closing event, found {closing}"
     assert closing[0] == history[-1].event.TYPE, "the closing event is not the last one"
+
+
+# ------------------------------------------------------------ broker alarms
+def _rabbitmqctl(*args: str) -> str:
+    return subprocess.run(
+        ["rabbitmqctl", *args], check=True, capture_output=True, text=True, timeout=60
+    ).stdout.strip()
+
+
+def _memory_alarm_on() -> bool:
+    # Exit status 0 whether or not there are alarms; the text says which.
+    report = subprocess.run(
+        ["rabbitmq-diagnostics", "-q", "alarms"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return "memory alarm" in report.stdout.lower()
+
+
+@contextlib.contextmanager
+def publishers_blocked() -> Iterator[None]:
+    """A memory alarm: the broker blocks every connection that publishes, until it clears."""
+    watermark = _rabbitmqctl("eval", "vm_memory_monitor:get_vm_memory_high_watermark().")
+    assert re.fullmatch(r"[0-9.]+", watermark), f"unexpected watermark {watermark!r}"
+    try:
+        _rabbitmqctl("set_vm_memory_high_watermark", "absolute", "1")
+        wait_until(_memory_alarm_on, 30, "the broker's memory alarm")
+        yield
+    finally:
+        _rabbitmqctl("set_vm_memory_high_watermark", watermark)
+        wait_until(lambda: not _memory_alarm_on(), 30, "the memory alarm to clear")

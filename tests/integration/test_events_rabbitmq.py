@@ -46,7 +46,7 @@ from events.monitor import TailedMessage, tail
 from examples.order_fulfillment import subscribers as example
 from examples.order_fulfillment.events import OrderCompleted
 from orchestrator import migrate
-from outbox import OutboxWriter, PublishError, RecordingPublisher, Relay
+from outbox import OutboxMessage, OutboxWriter, PublishError, RecordingPublisher, Relay
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -670,3 +670,25 @@ def test_tail_sees_events_from_when_it_is_bound(outbox: Outbox) -> None:
     envelope = outbox.publish(ThingHappened(n=5), correlation_id="tail-1")
     thread.join(30)
     assert [message.envelope for message in seen_messages] == [envelope]
+
+
+@pytest.mark.timeout(180)
+def test_a_broker_that_blocks_publishers_fails_the_batch_in_bounded_time() -> None:
+    # The relay must not hang on a broker alarm: the batch fails within its
+    # confirm timeout, the connection is dropped without waiting for the
+    # broker, and once the alarm clears the next batch goes out.
+    def event(n: int) -> OutboxMessage:
+        return OutboxMessage(
+            kind="event", destination="it.blocked", body={"type": "it.blocked", "n": n}
+        )
+
+    before, during, after = event(1), event(2), event(3)
+    with EventPublisher(BROKER_URL, exchange=EXCHANGE, confirm_timeout=3.0) as publisher:
+        publisher.publish([before])  # the publisher's connection is up
+        with harness.publishers_blocked():
+            began = time.monotonic()
+            with pytest.raises(PublishError):
+                publisher.publish([during])
+            waited = time.monotonic() - began
+        assert waited < 3.0 + 5, f"the blocked publish held the relay {waited:.1f}s"
+        publisher.publish([after])

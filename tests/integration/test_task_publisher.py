@@ -7,6 +7,7 @@ configured the way the engine configures its own.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from celery import Celery, signals
 from kombu.entity import Queue
 
-from orchestrator.task_publisher import CeleryPublisher
+from orchestrator.task_publisher import CONFIRM_TIMEOUT, CeleryPublisher
 from outbox import OutboxMessage, PublishError
 
 pytestmark = pytest.mark.integration
@@ -153,3 +154,29 @@ def test_celery_publish_hooks_see_every_message(app: Celery, queues: dict[str, Q
     got = drain(queue)
     assert [m.headers["id"] for m in got] == seen
     assert all(m.headers["traceparent"] == "00-trace" for m in got)
+
+
+@pytest.mark.timeout(180)
+def test_a_broker_that_blocks_publishers_fails_the_batch_in_bounded_time(
+    app: Celery, queues: dict[str, Queue]
+) -> None:
+    # A start publishes after its commit, in its caller's request: a broker
+    # alarm must cost the caller a bounded wait, not hold it for as long as
+    # the alarm lasts (the run is committed; its message waits for the relay).
+    queue = queues["plain"]
+    before, during, after = task(queue, 1), task(queue, 2), task(queue, 3)
+    publisher = CeleryPublisher(app, dead_letter_exchange=DEAD_LETTER_EXCHANGE)
+    publisher.publish([before])  # the publisher's connection is up
+    with harness.publishers_blocked():
+        began = time.monotonic()
+        with pytest.raises(PublishError):
+            publisher.publish([during])
+        waited = time.monotonic() - began
+    assert waited < CONFIRM_TIMEOUT + 5, f"the blocked publish held its caller {waited:.1f}s"
+    # Once the alarm clears, the next batch goes out on a fresh connection.
+    publisher.publish([after])
+    ids = [message.headers["id"] for message in drain(queue)]
+    # The blocked message may still arrive (the broker reads what it was sent
+    # once the alarm clears): the relay sends it again, and consumers drop
+    # the duplicate.
+    assert [i for i in ids if i != during.id] == [before.id, after.id]
