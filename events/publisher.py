@@ -53,7 +53,8 @@ class EventPublisher:
         exchange: Exchange of messages that name none. Defaults to ``orchestrator.events``.
         queue_type: Type of the unroutable queue it declares. Defaults to ``"auto"``
             (quorum where the broker supports it).
-        confirm_timeout: Seconds to wait for each confirm. Defaults to 10.
+        confirm_timeout: Seconds to wait for each confirm, or for any reply of
+            the broker (one that blocks its publishers sends none). Defaults to 10.
     """
 
     def __init__(
@@ -104,13 +105,10 @@ class EventPublisher:
             from events._broker import kombu
 
             # A broker that has blocked its publishers (a memory or disk alarm)
-            # stops reading: a write gives up as a confirm does.
+            # answers nothing: a wait for a reply gives up as a confirm does.
             connection = kombu.Connection(
                 self.broker_url,
-                transport_options={
-                    "confirm_publish": True,
-                    "write_timeout": self.confirm_timeout,
-                },
+                transport_options={"confirm_publish": True, "read_timeout": self.confirm_timeout},
             )
             try:
                 connection.ensure_connection(max_retries=1)

@@ -162,7 +162,7 @@ _CLAIM_AT_ONCE = text(
                 THEN a.scheduled_at + a.schedule_to_close * interval '1 second' END
         )
     FROM (
-      SELECT run_id, workflow_id, workflow_type, closed_at, paused
+      SELECT workflow_id, workflow_type, closed_at, paused
       FROM workflow_runs WHERE run_id = :b_run_id OFFSET 0
     ) AS r
     WHERE a.run_id = :b_run_id AND a.activity_id = :b_activity_id

@@ -36,8 +36,8 @@ from outbox.errors import PublishError
 from outbox.message import OutboxMessage
 
 _CONFIRMS = [spec.Basic.Ack, spec.Basic.Nack]
-# How long a batch waits for the broker's confirms, and a write for the broker
-# to take it, before the batch is left to the relay. A confirm takes a
+# How long a batch waits for the broker's confirms, or for any reply, before
+# the batch is left to the relay. A confirm takes a
 # millisecond; a broker that has blocked its publishers (a memory or disk
 # alarm) sends none and stops reading, and a start that waits on it would hold
 # its caller for as long as the alarm lasts. Its run is committed either way.
@@ -49,8 +49,11 @@ class _Link:
     """One thread's connection and channel in confirm mode, and what it declared."""
 
     def __init__(self, broker_url: str) -> None:
+        # A blocked broker answers nothing: a wait for a reply (a queue's
+        # declaration between two publishes of a batch) gives up as a confirm
+        # does. (py-amqp gives up a write the broker does not read by itself.)
         self.connection = Connection(
-            broker_url, transport_options={"write_timeout": CONFIRM_TIMEOUT}
+            broker_url, transport_options={"read_timeout": CONFIRM_TIMEOUT}
         )
         channel: Any = self.connection.default_channel
         channel.confirm_select()
@@ -162,7 +165,7 @@ class CeleryPublisher:
         except Exception as exc:
             # A broken connection is rebuilt for the next batch (the relay retries).
             self._reset()
-            raise PublishError(f"publish failed: {exc}") from exc
+            raise PublishError(f"publish failed: {exc!r}") from exc
 
     def _send(self, link: _Link, message: OutboxMessage) -> None:
         if message.queue == COMPENSATION_DEAD_LETTER_QUEUE:

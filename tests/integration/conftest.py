@@ -88,6 +88,8 @@ def database_url() -> Iterator[str]:
 
 def _prepare_services() -> str:
     _check_broker()
+    # A run killed while a test held the broker's memory alarm left it on.
+    harness.restore_watermark()
     harness.recreate_database(harness.DATABASE_URL)
     migrate.upgrade(harness.DATABASE_URL)
     # The services' tables and their stock, created the way a worker creates them.

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,6 +39,7 @@ from examples.order_fulfillment.schema import (
 )
 from orchestrator.history import ActivityScheduled, RecordedEvent
 from orchestrator.schema import activity_tasks, outbox_messages, workflow_events, workflow_runs
+from outbox.errors import PublishError
 from outbox.message import OutboxMessage
 from outbox.publisher import Publisher
 
@@ -644,15 +646,50 @@ def _memory_alarm_on() -> bool:
     return "memory alarm" in report.stdout.lower()
 
 
+# Where a test that raises the alarm keeps the watermark to put back: a run
+# killed while the alarm was on leaves it here, and the next session restores it.
+_SAVED_WATERMARK = Path(tempfile.gettempdir()) / "orchestrator-it-memory-watermark"
+
+
 @contextlib.contextmanager
 def publishers_blocked() -> Iterator[None]:
-    """A memory alarm: the broker blocks every connection that publishes, until it clears."""
+    """A memory alarm: the broker blocks every connection that publishes, until it clears.
+
+    The alarm is the whole node's: every publisher on this broker waits while
+    it lasts (the integration tests own their broker, see conftest).
+    """
     watermark = _rabbitmqctl("eval", "vm_memory_monitor:get_vm_memory_high_watermark().")
     assert re.fullmatch(r"[0-9.]+", watermark), f"unexpected watermark {watermark!r}"
+    _SAVED_WATERMARK.write_text(watermark)
     try:
         _rabbitmqctl("set_vm_memory_high_watermark", "absolute", "1")
         wait_until(_memory_alarm_on, 30, "the broker's memory alarm")
         yield
     finally:
-        _rabbitmqctl("set_vm_memory_high_watermark", watermark)
-        wait_until(lambda: not _memory_alarm_on(), 30, "the memory alarm to clear")
+        restore_watermark()
+
+
+def restore_watermark() -> None:
+    """Put back the memory watermark a blocking test saved, if it is still saved."""
+    if not _SAVED_WATERMARK.exists():
+        return
+    watermark = _SAVED_WATERMARK.read_text().strip()
+    for attempt in range(5):
+        try:
+            _rabbitmqctl("set_vm_memory_high_watermark", watermark)
+            break
+        except subprocess.SubprocessError:
+            if attempt == 4:
+                raise
+            time.sleep(1)
+    wait_until(lambda: not _memory_alarm_on(), 30, "the memory alarm to clear")
+    _SAVED_WATERMARK.unlink()
+
+
+def blocked_publish_seconds(publish: Callable[[], object]) -> float:
+    """How long ``publish`` takes to fail under a memory alarm (it must fail)."""
+    with publishers_blocked():
+        began = time.monotonic()
+        with pytest.raises(PublishError):
+            publish()
+        return time.monotonic() - began

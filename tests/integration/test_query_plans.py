@@ -5,21 +5,24 @@ them, and a statement psycopg has prepared keeps the plan it got until then. A
 plan that reaches one run through an index of *all* running runs (or of all
 scheduled attempts) costs nothing on an empty table and grows with every open
 run: on the benchmark's new database, every step's check read every running
-run. Each statement here is planned as a prepared statement would be
-(``plan_cache_mode = force_generic_plan``) on empty tables the planner has
-never analysed, in a schema of the test's own, and every scan of the engine's
-tables in it must go through that table's primary key.
+run. Each statement here is prepared (``PREPARE``) and explained as its
+generic plan (``plan_cache_mode = force_generic_plan``), the one a prepared
+statement keeps, on empty tables the planner has never analysed, in a schema
+of the test's own; every scan of the engine's tables in it must go through
+that table's primary key.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from psycopg import sql
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.sql.expression import Executable
 
@@ -63,11 +66,42 @@ def fresh_tables(db: Engine) -> Iterator[Connection]:
             transaction.rollback()
 
 
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+def _type_of(value: Any) -> str:
+    """The parameter's type for PREPARE; ``unknown`` lets the statement decide, as a driver does."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, datetime):
+        return "timestamptz"
+    if isinstance(value, list):
+        return "text[]"
+    return "unknown"
+
+
 def scans(conn: Connection, statement: Executable, params: dict[str, Any]) -> list[tuple[str, str]]:
-    """(table, how it is read) for every scan of the engine's tables in the statement's plan."""
-    compiled: Any = statement.compile(dialect=conn.dialect)  # type: ignore[attr-defined]
+    """(table, how it is read) for each scan of the engine's tables in the generic plan."""
+    compiled: Any = statement.compile(dialect=conn.dialect)
+    bound = compiled.construct_params(params)
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    text_of_statement = _PLACEHOLDER.sub(number, compiled.string)
+    name = f"probe_{uuid.uuid4().hex[:8]}"
+    types = ", ".join(_type_of(bound[n]) for n in names)
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    cursor.execute("EXPLAIN (FORMAT JSON) " + compiled.string, compiled.construct_params(params))
+    cursor.execute(f"PREPARE {name} ({types}) AS {text_of_statement}")
+    arguments = sql.SQL(", ").join(sql.Literal(bound[n]) for n in names)
+    cursor.execute(
+        sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE {} ({})").format(sql.Identifier(name), arguments)
+    )
     plan = cursor.fetchone()[0]
     document = plan if isinstance(plan, list) else json.loads(plan)
     found: list[tuple[str, str]] = []
