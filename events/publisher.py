@@ -12,8 +12,9 @@ from typing import Any
 from events.envelope import DEFAULT_EXCHANGE
 from events.errors import TopologyError
 from events.topology import QueueType, Topology, declare_exchange
-from outbox.errors import PublishError
+from outbox.errors import BrokerUnavailableError, PublishError
 from outbox.message import OutboxMessage
+from outbox.publisher import broker_unavailable
 
 __all__ = ["EventPublisher"]
 
@@ -98,6 +99,8 @@ class EventPublisher:
             except Exception as exc:
                 # Whatever state the connection is in, the next batch starts afresh.
                 self._reset(abandon=True)
+                if broker_unavailable(exc):
+                    raise BrokerUnavailableError(f"publishing events failed: {exc!r}") from exc
                 raise PublishError(f"publishing events failed: {exc!r}") from exc
 
     def _ensure_producer(self) -> Any:

@@ -32,8 +32,9 @@ from kombu.serialization import dumps
 from orchestrator.celery_app import dead_letter_queue
 from orchestrator.dead_letters import COMPENSATION_DEAD_LETTER_QUEUE
 from orchestrator.flower import task_kwargsrepr
-from outbox.errors import PublishError
+from outbox.errors import BrokerUnavailableError, PublishError
 from outbox.message import OutboxMessage
+from outbox.publisher import broker_unavailable
 
 _CONFIRMS = [spec.Basic.Ack, spec.Basic.Nack]
 # How long a batch waits for the broker's confirms, or for any reply, before
@@ -165,6 +166,8 @@ class CeleryPublisher:
         except Exception as exc:
             # A broken connection is rebuilt for the next batch (the relay retries).
             self._reset()
+            if broker_unavailable(exc):
+                raise BrokerUnavailableError(f"publish failed: {exc!r}") from exc
             raise PublishError(f"publish failed: {exc!r}") from exc
 
     def _send(self, link: _Link, message: OutboxMessage) -> None:

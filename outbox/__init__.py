@@ -9,7 +9,7 @@ duplicates by message id.
 from __future__ import annotations
 
 from outbox.crashpoints import crash_point
-from outbox.errors import OrchestratorError, OutboxError, PublishError
+from outbox.errors import BrokerUnavailableError, OrchestratorError, OutboxError, PublishError
 from outbox.message import OutboxMessage
 from outbox.publisher import Publisher, RecordingPublisher
 from outbox.relay import Relay
@@ -18,6 +18,7 @@ from outbox.writer import OutboxWriter
 
 __all__ = [
     "NOTIFY_CHANNEL",
+    "BrokerUnavailableError",
     "OrchestratorError",
     "OutboxError",
     "OutboxMessage",

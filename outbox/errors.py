@@ -32,3 +32,11 @@ class OutboxError(OrchestratorError):
 
 class PublishError(OutboxError):
     """The broker did not confirm a publish; the message stays in the outbox."""
+
+
+class BrokerUnavailableError(PublishError):
+    """The broker could not be reached, or did not answer in time (a memory or disk alarm).
+
+    Unlike a refusal of one message, it says nothing about the messages: the
+    next ones would wait and fail the same way.
+    """

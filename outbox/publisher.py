@@ -21,8 +21,27 @@ class Publisher(Protocol):
             PublishError: if any message was not confirmed. Some of them may
                 still have reached the broker; the outbox sends them again and
                 consumers drop the duplicates by message id.
+            BrokerUnavailableError: the broker could not be reached or did
+                not answer in time; the relay then leaves the rest of its
+                batch for its next run instead of trying each message.
         """
         ...
+
+
+def broker_unavailable(exc: BaseException) -> bool:
+    """Whether a client library's error means the broker, not the message, is the trouble.
+
+    Timeouts and lost or refused connections are ``OSError`` (a socket's), and
+    py-amqp's and kombu's connection errors derive from their
+    ``RecoverableConnectionError`` and ``OperationalError``.
+    """
+    import amqp.exceptions
+    import kombu.exceptions
+
+    return isinstance(
+        exc,
+        OSError | amqp.exceptions.RecoverableConnectionError | kombu.exceptions.OperationalError,
+    )
 
 
 class RecordingPublisher:

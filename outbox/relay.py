@@ -15,7 +15,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from outbox.crashpoints import crash_point
 from outbox.dedicated import dedicated_connection
-from outbox.errors import PublishError
+from outbox.errors import BrokerUnavailableError, PublishError
 from outbox.message import OutboxMessage
 from outbox.publisher import Publisher
 from outbox.schema import NOTIFY_CHANNEL, outbox_messages
@@ -380,6 +380,11 @@ class Relay:
             failures: dict[int, str] = {}
             try:
                 self.publisher.publish([_to_message(row._mapping) for row in rows])
+            except BrokerUnavailableError as exc:
+                # Each message would wait out the same timeout: the batch waits
+                # for the next run.
+                _log.warning("publishing %d outbox message(s) failed: %s", len(rows), exc)
+                failures = {row.seq: str(exc) for row in rows}
             except PublishError as exc:
                 _log.warning("publishing %d outbox message(s) failed: %s", len(rows), exc)
                 # One bad message must not hold up the rest: retry them one by one.
@@ -417,13 +422,18 @@ class Relay:
         """
         failures: dict[int, str] = {}
         blocked: set[tuple[str, str | None]] = set()
-        for row in rows:
+        for index, row in enumerate(rows):
             key = (row.kind, row.aggregate_id)
             if row.kind in self.ordered_kinds and key in blocked:
                 failures[row.seq] = "held back: an earlier message of its aggregate failed"
                 continue
             try:
                 self.publisher.publish([_to_message(row._mapping)])
+            except BrokerUnavailableError as exc:
+                # The broker, not this message: the rest wait for the next run.
+                for rest in rows[index:]:
+                    failures.setdefault(rest.seq, str(exc))
+                break
             except PublishError as exc:
                 failures[row.seq] = str(exc)
                 blocked.add(key)

@@ -12,12 +12,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import amqp.exceptions
+import kombu.exceptions
 import pytest
 from pydantic import ValidationError
 from sqlalchemy import Engine, create_engine, func, select, update
 from sqlalchemy.orm import Session
 
 from outbox import (
+    BrokerUnavailableError,
     OutboxMessage,
     OutboxWriter,
     PublishError,
@@ -26,6 +29,7 @@ from outbox import (
     metadata,
     outbox_messages,
 )
+from outbox.publisher import broker_unavailable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -473,3 +477,81 @@ def test_batched_marks_reach_the_table_without_a_transaction_per_commit(tmp_path
     ):
         threading.Event().wait(0.01)
     assert Relay(engine, RecordingPublisher(), grace=0).backlog() == (0, None)
+
+
+class CountingPublisher(RecordingPublisher):
+    """Fails with ``batch`` for batches and ``single`` for single messages (None: succeeds)."""
+
+    def __init__(self, *, batch: PublishError | None, single: PublishError | None) -> None:
+        super().__init__()
+        self.batch, self.single = batch, single
+        self.calls: list[int] = []
+
+    def publish(self, messages: Sequence[OutboxMessage]) -> None:
+        self.calls.append(len(messages))
+        error = self.batch if len(messages) > 1 else self.single
+        if error is not None:
+            raise error
+        super().publish(messages)
+
+
+def relayed_rows(tmp_path: Path, publisher: RecordingPublisher, count: int) -> list[Any]:
+    """Run a relay once over ``count`` task rows; the rows afterwards."""
+    engine = create_engine(f"sqlite:///{tmp_path}/relay.db")
+    metadata.create_all(engine)
+    writer = OutboxWriter(engine, publisher, publish_after_commit=False)
+    with Session(engine) as session:
+        writer.add(session, [task(n) for n in range(count)])
+        session.commit()
+    Relay(engine, publisher, grace=0).run_once()
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(
+                outbox_messages.c.published_at,
+                outbox_messages.c.publish_attempts,
+                outbox_messages.c.last_error,
+            )
+        ).all()
+    engine.dispose()
+    return list(found)
+
+
+def test_an_unavailable_broker_fails_the_batch_without_trying_each_message(
+    tmp_path: Path,
+) -> None:
+    down = BrokerUnavailableError("publish failed: TimeoutError()")
+    publisher = CountingPublisher(batch=down, single=down)
+    found = relayed_rows(tmp_path, publisher, 4)
+    # Each single publish would wait out the same timeout: one call, not five.
+    assert publisher.calls == [4]
+    assert [(row.published_at, row.publish_attempts, row.last_error) for row in found] == [
+        (None, 1, str(down))
+    ] * 4
+
+
+def test_an_unavailable_broker_met_one_by_one_stops_the_retries(tmp_path: Path) -> None:
+    publisher = CountingPublisher(
+        batch=PublishError("the broker refused 1 message(s)"),
+        single=BrokerUnavailableError("publish failed: TimeoutError()"),
+    )
+    found = relayed_rows(tmp_path, publisher, 4)
+    assert publisher.calls == [4, 1]
+    assert all(row.published_at is None and row.publish_attempts == 1 for row in found)
+
+
+@pytest.mark.parametrize(
+    ("error", "unavailable"),
+    [
+        (TimeoutError("timed out"), True),
+        (ConnectionRefusedError(111, "refused"), True),
+        (amqp.exceptions.RecoverableConnectionError("basic_publish: timed out"), True),
+        (kombu.exceptions.OperationalError("no route"), True),
+        (amqp.exceptions.MessageNacked(), False),
+        (amqp.exceptions.NotFound("no queue"), False),
+        (KeyError("no-such-queue"), False),
+    ],
+)
+def test_only_connection_level_errors_mean_the_broker_is_unavailable(
+    error: BaseException, unavailable: bool
+) -> None:
+    assert broker_unavailable(error) is unavailable
