@@ -54,8 +54,9 @@ class EventPublisher:
         exchange: Exchange of messages that name none. Defaults to ``orchestrator.events``.
         queue_type: Type of the unroutable queue it declares. Defaults to ``"auto"``
             (quorum where the broker supports it).
-        confirm_timeout: Seconds to wait for each confirm, or for any reply of
-            the broker (one that blocks its publishers sends none). Defaults to 10.
+        confirm_timeout: Seconds to wait for each confirm, for any reply of the
+            broker, and for it to take a write (one that blocks its publishers
+            does none of these). Defaults to 10.
     """
 
     def __init__(
@@ -108,10 +109,15 @@ class EventPublisher:
             from events._broker import kombu
 
             # A broker that has blocked its publishers (a memory or disk alarm)
-            # answers nothing: a wait for a reply gives up as a confirm does.
+            # neither reads nor answers: a write, and a wait for a reply, give
+            # up as a confirm does.
             connection = kombu.Connection(
                 self.broker_url,
-                transport_options={"confirm_publish": True, "read_timeout": self.confirm_timeout},
+                transport_options={
+                    "confirm_publish": True,
+                    "read_timeout": self.confirm_timeout,
+                    "write_timeout": self.confirm_timeout,
+                },
             )
             try:
                 connection.ensure_connection(max_retries=1)

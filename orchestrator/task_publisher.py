@@ -50,11 +50,12 @@ class _Link:
     """One thread's connection and channel in confirm mode, and what it declared."""
 
     def __init__(self, broker_url: str) -> None:
-        # A blocked broker answers nothing: a wait for a reply (a queue's
-        # declaration between two publishes of a batch) gives up as a confirm
-        # does. (py-amqp gives up a write the broker does not read by itself.)
+        # A blocked broker neither reads nor answers: a write, and a wait for a
+        # reply (a queue's declaration between two publishes of a batch), give
+        # up as a confirm does.
         self.connection = Connection(
-            broker_url, transport_options={"read_timeout": CONFIRM_TIMEOUT}
+            broker_url,
+            transport_options={"read_timeout": CONFIRM_TIMEOUT, "write_timeout": CONFIRM_TIMEOUT},
         )
         channel: Any = self.connection.default_channel
         channel.confirm_select()

@@ -36,6 +36,9 @@ _PROGRESS_LOG_INTERVAL = 60.0
 # right now: look again soon, then less often if the wait drags on.
 _DEFERRED_RETRY = 0.05
 _MAX_ERROR_LENGTH = 2000
+# Single publishes in a row that find the broker unavailable before the relay
+# leaves the rest of a failed batch for its next run.
+_UNAVAILABLE_IN_A_ROW = 2
 
 
 def _now() -> datetime:
@@ -380,11 +383,6 @@ class Relay:
             failures: dict[int, str] = {}
             try:
                 self.publisher.publish([_to_message(row._mapping) for row in rows])
-            except BrokerUnavailableError as exc:
-                # Each message would wait out the same timeout: the batch waits
-                # for the next run.
-                _log.warning("publishing %d outbox message(s) failed: %s", len(rows), exc)
-                failures = {row.seq: str(exc) for row in rows}
             except PublishError as exc:
                 _log.warning("publishing %d outbox message(s) failed: %s", len(rows), exc)
                 # One bad message must not hold up the rest: retry them one by one.
@@ -418,10 +416,15 @@ class Relay:
         """Publish rows singly; return the errors of those that failed, by seq.
 
         A row of an ordered kind is not attempted once an earlier row of its
-        aggregate failed: its events must not overtake one another.
+        aggregate failed: its events must not overtake one another. Two rows
+        in a row that find the broker unavailable (a blocked broker, each
+        waiting out the publisher's timeout) leave the rest for the next run;
+        one alone may be that message's own doing (a body too slow to
+        confirm), and it must not hold up the messages behind it.
         """
         failures: dict[int, str] = {}
         blocked: set[tuple[str, str | None]] = set()
+        unavailable = 0
         for index, row in enumerate(rows):
             key = (row.kind, row.aggregate_id)
             if row.kind in self.ordered_kinds and key in blocked:
@@ -429,12 +432,14 @@ class Relay:
                 continue
             try:
                 self.publisher.publish([_to_message(row._mapping)])
-            except BrokerUnavailableError as exc:
-                # The broker, not this message: the rest wait for the next run.
-                for rest in rows[index:]:
-                    failures.setdefault(rest.seq, str(exc))
-                break
             except PublishError as exc:
                 failures[row.seq] = str(exc)
                 blocked.add(key)
+                unavailable = unavailable + 1 if isinstance(exc, BrokerUnavailableError) else 0
+                if unavailable == _UNAVAILABLE_IN_A_ROW:
+                    for rest in rows[index + 1 :]:
+                        failures[rest.seq] = str(exc)
+                    break
+            else:
+                unavailable = 0
         return failures

@@ -99,10 +99,15 @@ def scans(conn: Connection, statement: Executable, params: dict[str, Any]) -> li
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     cursor.execute(f"PREPARE {name} ({types}) AS {text_of_statement}")
     arguments = sql.SQL(", ").join(sql.Literal(bound[n]) for n in names)
-    cursor.execute(
-        sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE {} ({})").format(sql.Identifier(name), arguments)
-    )
-    plan = cursor.fetchone()[0]
+    try:
+        cursor.execute(
+            sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE {} ({})").format(sql.Identifier(name), arguments)
+        )
+        plan = cursor.fetchone()[0]
+    finally:
+        # A prepared statement outlives the transaction; the connection goes
+        # back to the pool.
+        cursor.execute(f"DEALLOCATE {name}")
     document = plan if isinstance(plan, list) else json.loads(plan)
     found: list[tuple[str, str]] = []
 

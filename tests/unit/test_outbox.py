@@ -516,27 +516,46 @@ def relayed_rows(tmp_path: Path, publisher: RecordingPublisher, count: int) -> l
     return list(found)
 
 
-def test_an_unavailable_broker_fails_the_batch_without_trying_each_message(
+def test_an_unavailable_broker_costs_the_relay_two_single_retries_not_one_per_message(
     tmp_path: Path,
 ) -> None:
     down = BrokerUnavailableError("publish failed: TimeoutError()")
     publisher = CountingPublisher(batch=down, single=down)
-    found = relayed_rows(tmp_path, publisher, 4)
-    # Each single publish would wait out the same timeout: one call, not five.
-    assert publisher.calls == [4]
+    found = relayed_rows(tmp_path, publisher, 6)
+    # Each single publish waits out the same timeout: the batch, two singles.
+    assert publisher.calls == [6, 1, 1]
     assert [(row.published_at, row.publish_attempts, row.last_error) for row in found] == [
         (None, 1, str(down))
-    ] * 4
+    ] * 6
 
 
-def test_an_unavailable_broker_met_one_by_one_stops_the_retries(tmp_path: Path) -> None:
-    publisher = CountingPublisher(
-        batch=PublishError("the broker refused 1 message(s)"),
-        single=BrokerUnavailableError("publish failed: TimeoutError()"),
-    )
-    found = relayed_rows(tmp_path, publisher, 4)
-    assert publisher.calls == [4, 1]
-    assert all(row.published_at is None and row.publish_attempts == 1 for row in found)
+def test_one_message_that_times_out_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    # A body too slow to confirm looks like an unavailable broker: alone, it
+    # is that message's failure, and the rest of the batch goes out.
+    class SlowFirst(RecordingPublisher):
+        def publish(self, messages: Sequence[OutboxMessage]) -> None:
+            if any(m.destination == "slow" for m in messages):
+                raise BrokerUnavailableError("publish failed: TimeoutError()")
+            super().publish(messages)
+
+    publisher = SlowFirst()
+    engine = create_engine(f"sqlite:///{tmp_path}/slow.db")
+    metadata.create_all(engine)
+    writer = OutboxWriter(engine, publisher, publish_after_commit=False)
+    with Session(engine) as session:
+        writer.add(
+            session,
+            [
+                OutboxMessage(kind="task", destination="slow", body={}),
+                *(OutboxMessage(kind="task", destination=f"ok-{i}", body={}) for i in range(3)),
+            ],
+        )
+        session.commit()
+    relay = Relay(engine, publisher, grace=0)
+    assert relay.run_once() == 3
+    assert [m.destination for m in publisher.published] == ["ok-0", "ok-1", "ok-2"]
+    assert relay.backlog()[0] == 1
+    engine.dispose()
 
 
 @pytest.mark.parametrize(
