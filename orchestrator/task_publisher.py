@@ -38,10 +38,10 @@ from outbox.publisher import broker_unavailable
 
 _CONFIRMS = [spec.Basic.Ack, spec.Basic.Nack]
 # How long a batch waits for the broker's confirms, or for any reply, before
-# the batch is left to the relay. A confirm takes a
-# millisecond; a broker that has blocked its publishers (a memory or disk
-# alarm) sends none and stops reading, and a start that waits on it would hold
-# its caller for as long as the alarm lasts. Its run is committed either way.
+# the batch is left to the relay. A confirm takes a millisecond; a broker that
+# has blocked its publishers (a memory or disk alarm) sends none and stops
+# reading, and a start that waited on it would hold its caller for as long as
+# the alarm lasts. Its run is committed either way.
 CONFIRM_TIMEOUT = 5.0
 _PERSISTENT = 2
 

@@ -37,6 +37,6 @@ class PublishError(OutboxError):
 class BrokerUnavailableError(PublishError):
     """The broker could not be reached, or did not answer in time (a memory or disk alarm).
 
-    Unlike a refusal of one message, it says nothing about the messages: the
-    next ones would wait and fail the same way.
+    Unlike a refusal of one message, it is likely to say nothing about the
+    message: the next ones would wait and fail the same way.
     """

@@ -22,8 +22,9 @@ class Publisher(Protocol):
                 still have reached the broker; the outbox sends them again and
                 consumers drop the duplicates by message id.
             BrokerUnavailableError: the broker could not be reached or did
-                not answer in time; the relay then leaves the rest of its
-                batch for its next run instead of trying each message.
+                not answer in time. After two of these in a row, the relay
+                stops trying a failed batch's messages one by one and leaves
+                the rest for its next run.
         """
         ...
 
@@ -35,6 +36,7 @@ def broker_unavailable(exc: BaseException) -> bool:
     py-amqp's and kombu's connection errors derive from their
     ``RecoverableConnectionError`` and ``OperationalError``.
     """
+    # Imported here: the outbox itself needs no broker library.
     import amqp.exceptions
     import kombu.exceptions
 
