@@ -50,10 +50,11 @@ from orchestrator.runs import (
     LOAD_HISTORY,
     LOCK_RUN,
     PREFETCHED_HISTORY,
+    RUN_UNCHANGED,
     SELECT_RUN,
     LockedRun,
     history_rows,
-    known_run_check,
+    known_run_params,
     lock_run,
     locked_run_from,
     save_run,
@@ -122,14 +123,21 @@ _COMPLETE_ATTEMPT = (
     .returning(activity_tasks.c.activity_type)
 )
 
-# The same close, as a check (see queue_checks): it refuses, with a division by
-# zero, an outcome that is stale.
-_COMPLETE_OR_REFUSE = text(
-    """
-    WITH closed AS (
+# The same close for a run this process knows, as a check (see queue_checks):
+# it locks the run's row if the row is still as the process left it
+# (RUN_UNCHANGED), then closes the attempt if it is still current and running.
+# It refuses, with a division by zero, when either is not so: the run changed,
+# or the outcome is stale. One statement for both, the run's lock first: the
+# attempt is only looked at once ``held`` has locked the run.
+_COMPLETE_KNOWN_RUN = text(
+    f"""
+    WITH held AS (
+      SELECT 1 FROM workflow_runs WHERE {RUN_UNCHANGED} FOR UPDATE
+    ), closed AS (
       UPDATE activity_tasks SET status = 'COMPLETED', closed_at = :b_now, deadline_at = NULL
       WHERE run_id = :b_run_id AND activity_id = :b_activity_id
         AND attempt = :b_attempt AND status = 'STARTED'
+        AND EXISTS (SELECT FROM held)
       RETURNING 1
     )
     SELECT 1 / count(*) AS completed FROM closed
@@ -618,15 +626,14 @@ class ActivityRunner:
         engine = self.engine
         now = engine.clock()
         complete = {
-            "b_run_id": run.run_id,
+            **known_run_params(run),
             "b_activity_id": info.activity_id,
             "b_attempt": info.attempt,
             "b_now": now,
         }
         with engine.sessions() as session, pipelined(session):
             try:
-                checks = [known_run_check(run), (_COMPLETE_OR_REFUSE, complete)]
-                if not queue_checks(session, checks):
+                if not queue_checks(session, [(_COMPLETE_KNOWN_RUN, complete)]):
                     return False, None
                 session.info[EAGER_ALLOWED] = eager_allowed
                 run.append(

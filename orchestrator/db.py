@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -436,8 +437,10 @@ def write(
     once for these parameter names, goes to the driver's cursor with each value
     bound as SQLAlchemy binds it (its type's bind processing): the same SQL,
     without SQLAlchemy's per-execution machinery, a third of a write's client
-    time. Only for statements built once (module constants): the compiled form
-    is kept by the statement's identity. Its errors come at the next sync.
+    time. Several rows of a plain insert go as one statement (see
+    ``_insert_shape``). Only for statements built once (module constants): the
+    compiled form is kept by the statement's identity. Its errors come at the
+    next sync.
     """
     entry: _Open | None = session.info.get(_PIPELINE)
     rows = [params] if isinstance(params, Mapping) else list(params)
@@ -459,7 +462,7 @@ def write(
             or compiled.escaped_bind_names
             or compiled.effective_returning
         )
-        cached = (statement, compiled, compiled._bind_processors if direct else None)
+        cached = [statement, compiled, compiled._bind_processors if direct else None]
         writes[key] = cached
     compiled, processors = cached[1], cached[2]
     if processors is None:
@@ -476,8 +479,49 @@ def write(
         cursor = entry.blind_cursor()
         if len(values) == 1:
             cursor.execute(compiled.string, values[0])
-        else:
+            return
+        shape = _insert_shape(cached)
+        if shape is None:
             cursor.executemany(compiled.string, values)
+            return
+        order, sql_for = shape
+        for start in range(0, len(values), _ROWS_PER_INSERT):
+            chunk = values[start : start + _ROWS_PER_INSERT]
+            cursor.execute(sql_for(len(chunk)), [row[name] for row in chunk for name in order])
+
+
+# The most rows one insert statement carries. Several rows in one statement are
+# one Bind and Execute instead of one each: for two rows, a tenth less work in
+# all (client, server) than ``executemany``.
+_ROWS_PER_INSERT = 50
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+_PLAIN_INSERT = re.compile(r"^(INSERT INTO [^()]+ \([^()]*\) VALUES )(\(.*\))$", re.DOTALL)
+
+
+def _insert_shape(cached: list[Any]) -> tuple[list[str], Callable[[int], str]] | None:
+    """How to send several rows of ``cached``'s insert at once; None if it cannot be.
+
+    Only ``INSERT INTO t (columns) VALUES (...)`` with nothing after it (no
+    ``ON CONFLICT``, no ``RETURNING``) qualifies: the parameter names in the
+    order of the row's placeholders, and the statement for a number of rows,
+    with positional placeholders. Worked out once and kept with the statement.
+    """
+    if len(cached) == 3:
+        match = _PLAIN_INSERT.match(cached[1].string)
+        found = None
+        if match is not None:
+            head, row = match.groups()
+            order = _PLACEHOLDER.findall(row)
+            row = _PLACEHOLDER.sub("%s", row)
+
+            @functools.cache
+            def sql_for(count: int) -> str:
+                return head + ", ".join([row] * count)
+
+            found = (order, sql_for) if order else None
+        cached.append(found)
+    shape: tuple[list[str], Callable[[int], str]] | None = cached[3]
+    return shape
 
 
 def _compiled(statement: Executable, dialect: Any) -> Any:

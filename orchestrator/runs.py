@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, text, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ClauseElement
 
@@ -99,25 +99,19 @@ PREFETCHED_HISTORY = "prefetched_history"
 _UPDATE_RUN = update(workflow_runs).where(workflow_runs.c.run_id == bindparam("b_run_id"))
 
 
-# Locks the run if it is still as ``known`` (see known_run_check) and refuses,
-# with a division by zero, if it is not: someone else changed it since.
+# The run's row is still as ``known`` (see known_run_params) left it: a
+# condition for a statement that locks the row (``FOR UPDATE``).
 # ``IS NOT DISTINCT FROM`` (the same as ``=`` on a column that is never null)
 # keeps the status index out of the plan: on tables the planner has no
 # statistics for yet (a new database, until autovacuum first analyzes it), the
 # check otherwise reached its run through that index, reading every running
 # run, and a prepared check kept that plan until then (see
 # tests/integration/test_query_plans.py).
-_RUN_UNCHANGED = text(
-    """
-    SELECT 1 / count(*) AS unchanged FROM (
-      SELECT 1 FROM workflow_runs
-      WHERE run_id = :b_run_id AND status IS NOT DISTINCT FROM :b_status
+RUN_UNCHANGED = """
+      run_id = :b_run_id AND status IS NOT DISTINCT FROM :b_status
         AND history_length = :b_length AND processed_seq = :b_processed
         AND NOT paused AND cancel_requested = :b_cancel AND task_failure IS NULL
-      FOR UPDATE
-    ) AS held
-    """
-)
+"""
 
 
 def snapshot(run: LockedRun) -> LockedRun:
@@ -125,9 +119,9 @@ def snapshot(run: LockedRun) -> LockedRun:
     return replace(run, changes={}, stored={}, appended=[])
 
 
-def known_run_check(run: LockedRun) -> tuple[Any, dict[str, Any]]:
-    """The check that locks ``run``'s row if it is still as this process left it."""
-    return _RUN_UNCHANGED, {
+def known_run_params(run: LockedRun) -> dict[str, Any]:
+    """The parameters of :data:`RUN_UNCHANGED` for ``run`` as this process left it."""
+    return {
         "b_run_id": run.run_id,
         "b_status": run.status.value,
         "b_length": run.history_length,

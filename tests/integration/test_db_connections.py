@@ -25,6 +25,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
@@ -771,6 +772,49 @@ def test_writes_in_a_pipeline_skip_sqlalchemy_and_bind_values_as_it_does(
         session.commit()
     assert len(seen) == 1
     assert stored_docs(pooled)[2] == (3, '{"c": 1}', now)
+
+
+def test_rows_of_a_plain_insert_go_in_one_statement_per_fifty(
+    pooled: Engine, docs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    sent: list[tuple[str, str]] = []
+    execute, executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
+
+    def spy_execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(("execute", str(query)))
+        return execute(self, query, *args, **kwargs)
+
+    def spy_executemany(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        sent.append(("executemany", str(query)))
+        return executemany(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", spy_execute)
+    monkeypatch.setattr(psycopg.Cursor, "executemany", spy_executemany)
+    now = datetime.now(UTC)
+    rows = [{"id": n, "doc": {"n": n} if n % 3 else None, "at": now} for n in range(1, 121)]
+    sessions = session_factory(pooled)
+    with sessions() as session, pipelined(session):
+        sent.clear()
+        write(session, INSERT_DOC, rows)
+        inserts = list(sent)
+        commit(session)
+    # 120 rows: statements of 50, 50 and 20 rows, no statement per row.
+    assert [kind for kind, _ in inserts] == ["execute"] * 3
+    assert [sql.count("), (") + 1 for _, sql in inserts] == [50, 50, 20]
+    stored = stored_docs(pooled)
+    assert [row[0] for row in stored] == list(range(1, 121))
+    assert stored[2] == (3, "null", now) and stored[3] == (4, '{"n": 4}', now)
+    # An insert with more after its VALUES is no plain insert: a statement per row.
+    upsert = pg_insert(DOCS).on_conflict_do_nothing()
+    with sessions() as session, pipelined(session):
+        sent.clear()
+        write(session, upsert, [{"id": 1, "doc": {}}, {"id": 200, "doc": {}}])
+        upserts = list(sent)
+        commit(session)
+    assert [kind for kind, _ in upserts] == ["executemany"]
+    assert [row[0] for row in stored_docs(pooled)][-1] == 200
 
 
 def test_a_failing_write_in_a_pipeline_fails_the_commit_and_writes_nothing(

@@ -26,8 +26,8 @@ from psycopg import sql
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.sql.expression import Executable
 
-from orchestrator.activity_runner import _CLAIM_AT_ONCE, _COMPLETE_ATTEMPT, _COMPLETE_OR_REFUSE
-from orchestrator.runs import _RUN_UNCHANGED, LOAD_HISTORY, LOCK_RUN
+from orchestrator.activity_runner import _CLAIM_AT_ONCE, _COMPLETE_ATTEMPT, _COMPLETE_KNOWN_RUN
+from orchestrator.runs import LOAD_HISTORY, LOCK_RUN
 from orchestrator.schema import metadata
 
 pytestmark = pytest.mark.integration
@@ -37,12 +37,11 @@ RUN = {"b_run_id": "r-1"}
 ATTEMPT = {**RUN, "b_activity_id": "1", "b_attempt": 1, "b_now": NOW}
 
 STATEMENTS: dict[str, tuple[Executable, dict[str, Any]]] = {
-    "known-run check": (
-        _RUN_UNCHANGED,
-        {**RUN, "b_status": "RUNNING", "b_length": 2, "b_processed": 2, "b_cancel": False},
+    "complete for a known run": (
+        _COMPLETE_KNOWN_RUN,
+        {**ATTEMPT, "b_status": "RUNNING", "b_length": 2, "b_processed": 2, "b_cancel": False},
     ),
     "claim at once": (_CLAIM_AT_ONCE, {**ATTEMPT, "b_types": ["step_one"]}),
-    "complete or refuse": (_COMPLETE_OR_REFUSE, ATTEMPT),
     "complete attempt": (_COMPLETE_ATTEMPT, ATTEMPT),
     "lock run": (LOCK_RUN, RUN),
     "load history": (LOAD_HISTORY, {**RUN, "b_after": 0}),
