@@ -7,6 +7,7 @@ import functools
 import importlib
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -497,6 +498,81 @@ def cpu_groups(
     return groups
 
 
+def instructions_per_run(meter: CpuMeter, runs: int) -> float | None:
+    """Millions of instructions the whole machine retired per run; None where none were counted."""
+    counted = meter.instructions.count
+    return None if counted is None or runs <= 0 else round(counted / runs / 1e6, 2)
+
+
+@functools.cache
+def perf_counts_instructions() -> bool:
+    """Whether ``perf stat -a`` counts instructions here (it needs root and a VM's counters)."""
+    if shutil.which("perf") is None:
+        return False
+    try:
+        done = subprocess.run(
+            ["perf", "stat", "-a", "-x,", "-e", "instructions", "true"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0 and parse_perf_instructions(done.stderr) is not None
+
+
+def parse_perf_instructions(output: str) -> int | None:
+    """The instruction count in ``perf stat -x,`` output; None if it counted none."""
+    for line in output.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[2].startswith("instructions") and fields[0].isdigit():
+            return int(fields[0])
+    return None
+
+
+class InstructionCounter:
+    """Instructions retired by every process on the machine while it runs (``perf stat -a``).
+
+    CPU time measures how long the machine took, and a virtual machine's speed
+    drifts by a third from one minute to the next; the instructions a run costs
+    do not, so they tell whether a change made the work smaller. ``count`` stays
+    None where perf cannot count (not installed, no permission, no counters).
+    """
+
+    # perf needs a moment before it counts; an idle machine retires about
+    # 30 million instructions a second, a thousandth of a phase's count.
+    SETTLE_SECONDS = 0.2
+
+    def __init__(self) -> None:
+        self.count: int | None = None
+        self._proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        if not perf_counts_instructions():
+            return
+        self._proc = subprocess.Popen(
+            ["perf", "stat", "-a", "-x,", "-e", "instructions"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(self.SETTLE_SECONDS)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return
+        self.count = parse_perf_instructions(err)
+
+
 def cpu_per_run(meter: CpuMeter, runs: int) -> dict[str, float]:
     """Milliseconds of CPU per run, by group, and their total."""
     used = meter.seconds()
@@ -517,6 +593,7 @@ class CpuMeter:
         self._started = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
+        self.instructions = InstructionCounter()
 
     def sample(self) -> None:
         for name, pids in self.groups.items():
@@ -538,6 +615,7 @@ class CpuMeter:
             self.sample()
 
     def __enter__(self) -> CpuMeter:
+        self.instructions.start()
         self.sample()
         self._started = True
         self._thread.start()
@@ -547,6 +625,7 @@ class CpuMeter:
         self._stop.set()
         self._thread.join(5)
         self.sample()
+        self.instructions.stop()
 
     def seconds(self) -> dict[str, float]:
         totals = dict.fromkeys(self.groups, 0.0)

@@ -37,6 +37,7 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
     tp = ("throughput", "per_second")
     p50 = ("sequential", "client_ms", "p50")
     p99 = ("sequential", "client_ms", "p99")
+    minstr = ("throughput", "minstr_per_run")
     found = {
         "throughput_vs_celery": ratio(_get(ours, *tp), _get(celery, *tp)),
         "throughput_vs_dbos": ratio(_get(ours, *tp), _get(dbos, *tp)),
@@ -49,6 +50,8 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         ),
         "memory_vs_celery": ratio(_get(ours, "peak_worker_mb"), _get(celery, "peak_worker_mb")),
         "memory_vs_dbos": ratio(_get(ours, "peak_worker_mb"), _get(dbos, "peak_worker_mb")),
+        "instructions_vs_celery": ratio(_get(ours, *minstr), _get(celery, *minstr)),
+        "instructions_vs_dbos": ratio(_get(ours, *minstr), _get(dbos, *minstr)),
     }
     return {"values": found, "targets": TARGETS, "meets": _verdicts(found)}
 
@@ -140,10 +143,13 @@ def cpu_table(results: dict[str, Any]) -> str:
         figures = _get(results.get(name), "throughput", "cpu_ms_per_run")
         if not figures:
             continue
-        rows.append((results[name].get("label", name), figures))
+        minstr = _get(results[name], "throughput", "minstr_per_run")
+        rows.append((results[name].get("label", name), {**figures, MINSTR: minstr}))
         columns += [column for column in figures if column not in columns and column != "total"]
     if not rows:
         return ""
+    if any(figures[MINSTR] is not None for _, figures in rows):
+        columns.append(MINSTR)
     short = {
         "client (bench process)": "client",
         "dbos process (workflows and client)": "dbos proc",
@@ -151,13 +157,24 @@ def cpu_table(results: dict[str, Any]) -> str:
         "worker main": "wrk main",
         "worker pool": "wrk pool",
     }
-    heads = [short.get(column, column) for column in columns]
-    header = f"{'CPU ms per run':<28} " + " ".join(f"{h:>10}" for h in [*heads, "total"])
+    shown = [column for column in columns if column != MINSTR] + ["total"]
+    if MINSTR in columns:
+        shown.append(MINSTR)
+    heads = [short.get(column, column) for column in shown]
+    header = f"{'CPU ms per run':<28} " + " ".join(f"{h:>10}" for h in heads)
     lines = [header, "-" * len(header)]
     for label, figures in rows:
-        cells = [_num(figures.get(column), 2) for column in [*columns, "total"]]
+        cells = [_num(figures.get(column), 2) for column in shown]
         lines.append(f"{label:<28} " + " ".join(f"{cell:>10}" for cell in cells))
+    if MINSTR in columns:
+        lines.append(
+            f"({MINSTR}: millions of instructions the whole machine retired per run, counted"
+            " by perf; unlike CPU time they do not move with the machine's speed)"
+        )
     return "\n".join(lines)
+
+
+MINSTR = "Minstr"
 
 
 def ratio_lines(summary: dict[str, Any]) -> str:
@@ -182,6 +199,8 @@ def ratio_lines(summary: dict[str, Any]) -> str:
         show("server_p50_vs_dbos", "server-side p50 ours / dbos"),
         show("memory_vs_celery", "peak memory ours / celery chain"),
         show("memory_vs_dbos", "peak memory ours / dbos"),
+        show("instructions_vs_celery", "instructions/run ours / chain"),
+        show("instructions_vs_dbos", "instructions/run ours / dbos"),
     ]
     return "\n".join(line for line in lines if line)
 

@@ -774,9 +774,9 @@ def test_writes_in_a_pipeline_skip_sqlalchemy_and_bind_values_as_it_does(
     assert stored_docs(pooled)[2] == (3, '{"c": 1}', now)
 
 
-def test_rows_of_a_plain_insert_go_in_one_statement_per_fifty(
-    pooled: Engine, docs: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def handed_to_driver(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """(method, SQL) of each statement handed to psycopg's cursors, in order."""
     import psycopg
 
     sent: list[tuple[str, str]] = []
@@ -792,14 +792,21 @@ def test_rows_of_a_plain_insert_go_in_one_statement_per_fifty(
 
     monkeypatch.setattr(psycopg.Cursor, "execute", spy_execute)
     monkeypatch.setattr(psycopg.Cursor, "executemany", spy_executemany)
+    return sent
+
+
+def test_rows_of_a_plain_insert_go_in_one_statement_per_fifty(
+    pooled: Engine, docs: Any, handed_to_driver: list[tuple[str, str]]
+) -> None:
+    sent = handed_to_driver
     now = datetime.now(UTC)
     rows = [{"id": n, "doc": {"n": n} if n % 3 else None, "at": now} for n in range(1, 121)]
     sessions = session_factory(pooled)
     with sessions() as session, pipelined(session):
         sent.clear()
         write(session, INSERT_DOC, rows)
-        inserts = list(sent)
         commit(session)
+        inserts = [entry for entry in sent if entry[1] != "COMMIT"]
     # 120 rows: statements of 50, 50 and 20 rows, no statement per row.
     assert [kind for kind, _ in inserts] == ["execute"] * 3
     assert [sql.count("), (") + 1 for _, sql in inserts] == [50, 50, 20]
@@ -811,10 +818,52 @@ def test_rows_of_a_plain_insert_go_in_one_statement_per_fifty(
     with sessions() as session, pipelined(session):
         sent.clear()
         write(session, upsert, [{"id": 1, "doc": {}}, {"id": 200, "doc": {}}])
-        upserts = list(sent)
         commit(session)
+        upserts = [entry for entry in sent if entry[1] != "COMMIT"]
     assert [kind for kind, _ in upserts] == ["executemany"]
     assert [row[0] for row in stored_docs(pooled)][-1] == 200
+
+
+def test_writes_wait_for_the_next_sync_and_go_out_together_in_order(
+    pooled: Engine, docs: Any, handed_to_driver: list[tuple[str, str]]
+) -> None:
+    sent = handed_to_driver
+    sessions = session_factory(pooled)
+    with sessions() as session, pipelined(session):
+        sent.clear()
+        write(session, INSERT_DOC, {"id": 1, "doc": {"v": 1}})
+        write(session, UPDATE_DOC, {"b_id": 1, "doc": {"v": 2}})
+        # Held back: nothing has reached the driver yet.
+        assert sent == []
+        # A statement SQLAlchemy executes sends them first, and sees them.
+        seen = session.execute(text("SELECT doc->>'v' FROM it_written WHERE id = 1"))
+        assert seen.scalar_one() == "2"
+        assert [sql.split()[0] for _, sql in sent] == ["INSERT", "UPDATE", "SELECT"]
+        sent.clear()
+        write(session, INSERT_DOC, {"id": 2, "doc": None})
+        assert sent == []
+        commit(session)
+        # The commit sends what was held back, then COMMIT.
+        assert [sql.split()[0] for _, sql in sent] == ["INSERT", "COMMIT"]
+    assert [row[0] for row in stored_docs(pooled)] == [1, 2]
+    # A pipeline that ends without a commit still sends what it held back, so
+    # that the transaction can be committed after it.
+    with sessions() as session:
+        with pipelined(session):
+            write(session, INSERT_DOC, {"id": 3, "doc": {}})
+        session.commit()
+    assert [row[0] for row in stored_docs(pooled)] == [1, 2, 3]
+    # A block that fails sends nothing of what it held back.
+    sent.clear()
+    with (
+        pytest.raises(RuntimeError, match="the engine failed"),
+        sessions() as session,
+        pipelined(session),
+    ):
+        write(session, INSERT_DOC, {"id": 4, "doc": {}})
+        raise RuntimeError("the engine failed")
+    assert not [sql for _, sql in sent if sql.startswith("INSERT")]
+    assert [row[0] for row in stored_docs(pooled)] == [1, 2, 3]
 
 
 def test_a_failing_write_in_a_pipeline_fails_the_commit_and_writes_nothing(

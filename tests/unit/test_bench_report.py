@@ -95,3 +95,49 @@ def test_the_micro_benchmarks_report_reads_each_variant_and_refuses_bad_options(
     with pytest.raises(SystemExit) as exit_info:
         micro.main(["--rounds", "0"])
     assert exit_info.value.code == 2
+
+
+def test_instructions_per_run_are_compared_and_shown_where_perf_counted_them() -> None:
+    from bench.report import cpu_table
+
+    results = {
+        "ours": {"throughput": {"per_second": 100, "minstr_per_run": 20.0}},
+        "celery": {"throughput": {"per_second": 100, "minstr_per_run": 10.0}},
+        "dbos": {"throughput": {"per_second": 50, "minstr_per_run": 40.0}},
+    }
+    values = ratios(results)["values"]
+    assert values["instructions_vs_celery"] == pytest.approx(2.0)
+    assert values["instructions_vs_dbos"] == pytest.approx(0.5)
+    for name, cpu in (("ours", 2.0), ("celery", 1.0), ("dbos", 3.0)):
+        results[name]["throughput"]["cpu_ms_per_run"] = {"postgresql": cpu, "total": cpu}
+    table = cpu_table(results).splitlines()
+    assert table[0].split()[-2:] == ["total", "Minstr"]
+    assert table[2].split()[-2:] == ["2.00", "20.00"]
+    assert table[-1].startswith("(Minstr: millions of instructions")
+    # Where perf counted nothing, neither the column nor its note is shown.
+    for name in results:
+        results[name]["throughput"]["minstr_per_run"] = None
+    table = cpu_table(results).splitlines()
+    assert table[0].split()[-1] == "total"
+    assert not any("Minstr" in line for line in table)
+    assert ratios(results)["values"]["instructions_vs_dbos"] is None
+
+
+def test_perf_output_is_read_and_a_machine_without_perf_counts_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bench import infra
+
+    assert infra.parse_perf_instructions("\n123456,,instructions,2016194650,100.00,,\n") == 123456
+    assert infra.parse_perf_instructions("<not supported>,,instructions,0,100.00,,") is None
+    assert infra.parse_perf_instructions("<not counted>,,instructions:u,0,0.00,,") is None
+    assert infra.parse_perf_instructions("") is None
+    infra.perf_counts_instructions.cache_clear()
+    monkeypatch.setattr(infra.shutil, "which", lambda _name: None)
+    try:
+        counter = infra.InstructionCounter()
+        counter.start()
+        counter.stop()
+        assert counter.count is None
+    finally:
+        infra.perf_counts_instructions.cache_clear()
