@@ -523,12 +523,17 @@ def perf_counts_instructions() -> bool:
 
 
 def parse_perf_instructions(output: str) -> int | None:
-    """The instruction count in ``perf stat -x,`` output; None if it counted none."""
-    for line in output.splitlines():
-        fields = line.split(",")
-        if len(fields) > 2 and fields[2].startswith("instructions") and fields[0].isdigit():
-            return int(fields[0])
-    return None
+    """The instruction count in ``perf stat -x,`` output; None if it counted none.
+
+    A machine with two kinds of cores counts each kind on a line of its own
+    (``cpu_core/instructions/``, ``cpu_atom/instructions/``): they add up.
+    """
+    counts = [
+        int(fields[0])
+        for fields in (line.split(",") for line in output.splitlines())
+        if len(fields) > 2 and "instructions" in fields[2] and fields[0].isdigit()
+    ]
+    return sum(counts) if counts else None
 
 
 class InstructionCounter:
@@ -540,8 +545,9 @@ class InstructionCounter:
     None where perf cannot count (not installed, no permission, no counters).
     """
 
-    # perf needs a moment before it counts; an idle machine retires about
-    # 30 million instructions a second, a thousandth of a phase's count.
+    # perf needs a moment before it counts. The wait is counted too: an idle
+    # machine retires about 30 million instructions a second, a thousandth of
+    # a throughput phase's count.
     SETTLE_SECONDS = 0.2
 
     def __init__(self) -> None:
@@ -616,16 +622,22 @@ class CpuMeter:
 
     def __enter__(self) -> CpuMeter:
         self.instructions.start()
-        self.sample()
-        self._started = True
-        self._thread.start()
+        try:
+            self.sample()
+            self._started = True
+            self._thread.start()
+        except BaseException:
+            self.instructions.stop()
+            raise
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sample()
-        self.instructions.stop()
+        try:
+            self._stop.set()
+            self._thread.join(5)
+            self.sample()
+        finally:
+            self.instructions.stop()
 
     def seconds(self) -> dict[str, float]:
         totals = dict.fromkeys(self.groups, 0.0)

@@ -107,11 +107,13 @@ _CLAIM_ACTIVITY = (
 )
 
 # Recording an outcome reads or updates the attempt after the run's lock is
-# taken, in a statement of its own: a statement that locked the run and read the
-# attempt at once could, after waiting for the lock, see the attempt as it was
-# before the transaction it waited for (which may have timed it out or cancelled
-# it). A success closes the attempt only if it is still the current one and
-# running; the row it returns is the proof, and no row means a stale outcome.
+# taken, in a statement of its own: a statement that locked the run and *read*
+# the attempt at once could, after waiting for the lock, see the attempt as it
+# was before the transaction it waited for (which may have timed it out or
+# cancelled it). An update is another matter: it checks its conditions again on
+# the row as that transaction left it (see _COMPLETE_KNOWN_RUN). A success
+# closes the attempt only if it is still the current one and running; the row
+# it returns is the proof, and no row means a stale outcome.
 _COMPLETE_ATTEMPT = (
     update(activity_tasks)
     .where(
@@ -128,7 +130,12 @@ _COMPLETE_ATTEMPT = (
 # (RUN_UNCHANGED), then closes the attempt if it is still current and running.
 # It refuses, with a division by zero, when either is not so: the run changed,
 # or the outcome is stale. One statement for both, the run's lock first: the
-# attempt is only looked at once ``held`` has locked the run.
+# uncorrelated EXISTS is evaluated once, before the attempt's row is read, so
+# ``held`` has locked the run by then. The statement's snapshot predates any
+# wait for that lock, but neither part trusts it: a locked or updated row that
+# another transaction changed meanwhile has its conditions checked again on
+# the row as that transaction committed it, so a run changed, or an attempt
+# timed out or cancelled, while this waited is refused, never overwritten.
 _COMPLETE_KNOWN_RUN = text(
     f"""
     WITH held AS (
@@ -616,12 +623,11 @@ class ActivityRunner:
 
         ``run`` is the run as this process last committed it, and its cached
         instance has applied all of it: while the row is still so, the careful
-        path would read nothing else. Two checks go first, each a statement of
-        its own: one locks the row if it is unchanged, the other closes the
-        attempt if it is still current and running. If either refuses (someone
-        else changed the run, or the outcome is stale), nothing of the
-        transaction stays and this returns False: the caller records the
-        outcome the careful way.
+        path would read nothing else. One check goes first: it locks the row if
+        it is unchanged, then closes the attempt if it is still current and
+        running. If it refuses (someone else changed the run, or the outcome is
+        stale), nothing of the transaction stays and this returns False: the
+        caller records the outcome the careful way.
         """
         engine = self.engine
         now = engine.clock()

@@ -161,7 +161,7 @@ class Orchestrator:
                         publish_after_commit=self.settings.publish_after_commit,
                         relay_only_kinds=self._relay_only_kinds,
                         batch_marks=not self.settings.embedded,
-                        # In a pipeline, the insert goes straight to the driver.
+                        # In a pipeline, the insert skips SQLAlchemy's execution.
                         insert=write,
                     ),
                     clock=self.clock,

@@ -195,6 +195,15 @@ def _run_after_commit(session: Session) -> None:
             log.exception("a step after a commit failed (the commit stands)")
 
 
+@event.listens_for(Session, "before_commit")
+def _send_held_back_before_commit(session: Session) -> None:
+    # A commit that bypasses commit() below, inside pipelined(): what the
+    # transaction held back goes first, or it would be lost.
+    entry = session.info.get(_PIPELINE)
+    if entry is not None:
+        entry.flush()
+
+
 @event.listens_for(Session, "after_transaction_end")
 def _drop_after_commit(session: Session, transaction: Any) -> None:
     if transaction.parent is None:
@@ -227,6 +236,9 @@ def pipelined(session: Session) -> Iterator[None]:
     transition's writes and its COMMIT share one round trip instead of one
     each. Elsewhere (SQLite, a libpq without pipeline mode) this does nothing.
     """
+    if _PIPELINE in session.info:  # already in one: its writes and sync are the outer block's
+        yield
+        return
     connection = session.connection()
     driver = connection.connection.driver_connection
     start_pipeline = getattr(driver, "pipeline", None)
@@ -252,7 +264,13 @@ def pipelined(session: Session) -> Iterator[None]:
         if entry is not None:  # ended without a commit
             entry.forget()
             with _translated_errors(session):
-                entry.flush()
+                try:
+                    entry.flush()
+                except BaseException as exc:
+                    # Leaves pipeline mode all the same: the connection goes
+                    # back to the pool.
+                    manager.__exit__(type(exc), exc, exc.__traceback__)
+                    raise
                 manager.__exit__(None, None, None)
 
 
@@ -267,6 +285,8 @@ class _Open:
         self._blind: Any = None
         # Statements whose results nobody reads, not handed to the driver yet (see send).
         self.pending: list[tuple[str, Any, bool]] = []
+        # Why handing them over failed, if it did: the transaction must not commit.
+        self.failed: BaseException | None = None
 
     def blind_cursor(self) -> Any:
         """One cursor for every statement whose results nobody reads: writes, checks, COMMIT.
@@ -286,25 +306,40 @@ class _Open:
         psycopg sends each statement to the server as it is executed; the
         server, done with one before the engine has built the next, sleeps and
         is woken again for each (a step's statements woke it four or five
-        times). Held back until the transaction next waits for the server (a
-        read, any statement SQLAlchemy executes, the commit), they arrive
-        together, in order, and wake it once: a sixth fewer context switches
-        for a worker's claim and steps, 6% fewer CPU cycles a run in all.
-        Their errors come out at that sync, as they did before.
+        times). Held back until the transaction next needs the server (a read,
+        any statement SQLAlchemy executes, the commit), they are handed over
+        together, in order, and wake it once (see docs/architecture.md).
+
+        The parameters are read when the statement is handed over: they must
+        not change until then. An error the server reports comes out at the
+        next sync, as before; one the driver raises while handing a statement
+        over (a value it cannot send) comes out there, and the transaction can
+        no longer commit (see :meth:`flush`).
         """
         self.pending.append((sql, params, many))
 
     def flush(self) -> None:
-        """Hand the statements :meth:`send` held back to the driver, in order."""
+        """Hand the statements :meth:`send` held back to the driver, in order.
+
+        If one fails, those before it are with the driver and those after it
+        are dropped: the transaction is incomplete, and its commit raises the
+        same error again (a caller that caught it must not commit half).
+        """
+        if self.failed is not None:
+            raise self.failed
         if not self.pending:
             return
         pending, self.pending = self.pending, []
         cursor = self.blind_cursor()
-        for sql, params, many in pending:
-            if many:
-                cursor.executemany(sql, params)
-            else:
-                cursor.execute(sql, params)
+        try:
+            for sql, params, many in pending:
+                if many:
+                    cursor.executemany(sql, params)
+                else:
+                    cursor.execute(sql, params)
+        except BaseException as exc:
+            self.failed = exc
+            raise
 
     def forget(self) -> None:
         # Before the connection can go back to the pool: its next user must not
@@ -471,7 +506,7 @@ def write(
     statement: Executable,
     params: Mapping[str, Any] | Sequence[Mapping[str, Any]],
 ) -> None:
-    """Run a write nobody reads the result of; in a pipeline, straight to the driver.
+    """Run a write nobody reads the result of; in a pipeline, without SQLAlchemy's execution.
 
     Outside a pipeline, or for a statement SQLAlchemy must prepare at each
     execution (Python-side defaults, expanding or escaped parameters, a
@@ -479,10 +514,11 @@ def write(
     once for these parameter names, goes to the driver's cursor with each value
     bound as SQLAlchemy binds it (its type's bind processing): the same SQL,
     without SQLAlchemy's per-execution machinery, a third of a write's client
-    time. Several rows of a plain insert go as one statement (see
-    ``_insert_shape``). Only for statements built once (module constants): the
-    compiled form is kept by the statement's identity. Its errors come at the
-    next sync.
+    time. It goes with the transaction's next sync (see ``_Open.send``), so
+    ``params`` must not change until then. Several rows of a plain insert go
+    as one statement (see ``_insert_shape``). Only for statements built once
+    (module constants): the compiled form is kept by the statement's identity.
+    Its errors come at the next sync.
     """
     entry: _Open | None = session.info.get(_PIPELINE)
     rows = [params] if isinstance(params, Mapping) else list(params)
@@ -536,7 +572,26 @@ def write(
 # all (client, server) than ``executemany``.
 _ROWS_PER_INSERT = 50
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
-_PLAIN_INSERT = re.compile(r"^(INSERT INTO [^()]+ \([^()]*\) VALUES )(\(.*\))$", re.DOTALL)
+_INSERT_HEAD = re.compile(r"^INSERT INTO [^()]+ \([^()]*\) VALUES ", re.DOTALL)
+
+
+def _values_row(sql: str) -> tuple[str, str] | None:
+    """(head, row) of ``INSERT INTO t (columns) VALUES (row)`` with nothing after the row.
+
+    The row is the first parenthesized group after VALUES, its parentheses
+    balanced; anything after it (``ON CONFLICT ...``, ``RETURNING ...``), a
+    quoted literal (whose parentheses would not count) or an escaped percent
+    sign (``%%``, a literal the placeholders must not be read in) disqualifies.
+    """
+    head = _INSERT_HEAD.match(sql)
+    if head is None or "'" in sql or "%%" in sql:
+        return None
+    depth = 0
+    for index in range(head.end(), len(sql)):
+        depth += {"(": 1, ")": -1}.get(sql[index], 0)
+        if depth == 0:
+            return (sql[: head.end()], sql[head.end() :]) if index == len(sql) - 1 else None
+    return None
 
 
 def _insert_shape(cached: list[Any]) -> tuple[list[str], Callable[[int], str]] | None:
@@ -548,10 +603,10 @@ def _insert_shape(cached: list[Any]) -> tuple[list[str], Callable[[int], str]] |
     with positional placeholders. Worked out once and kept with the statement.
     """
     if len(cached) == 3:
-        match = _PLAIN_INSERT.match(cached[1].string)
+        parts = _values_row(cached[1].string)
         found = None
-        if match is not None:
-            head, row = match.groups()
+        if parts is not None:
+            head, row = parts
             order = _PLACEHOLDER.findall(row)
             row = _PLACEHOLDER.sub("%s", row)
 

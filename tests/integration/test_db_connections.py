@@ -20,6 +20,7 @@ from sqlalchemy import (
     Table,
     bindparam,
     event,
+    func,
     insert,
     select,
     text,
@@ -864,6 +865,91 @@ def test_writes_wait_for_the_next_sync_and_go_out_together_in_order(
         raise RuntimeError("the engine failed")
     assert not [sql for _, sql in sent if sql.startswith("INSERT")]
     assert [row[0] for row in stored_docs(pooled)] == [1, 2, 3]
+
+
+def test_a_read_together_sees_the_writes_held_back_before_it(pooled: Engine, docs: Any) -> None:
+    sessions = session_factory(pooled)
+    count = text("SELECT count(*) AS n FROM it_written")
+    with sessions() as session, pipelined(session):
+        write(session, INSERT_DOC, [{"id": 1, "doc": {}}, {"id": 2, "doc": {}}])
+        rows = read_together(session, [(count, {})])
+        assert rows == [[{"n": 2}]]
+        commit(session)
+    assert [row[0] for row in stored_docs(pooled)] == [1, 2]
+
+
+def test_a_pipeline_inside_another_joins_it_and_a_plain_commit_sends_what_was_held(
+    pooled: Engine, docs: Any
+) -> None:
+    sessions = session_factory(pooled)
+    with sessions() as session, pipelined(session):
+        write(session, INSERT_DOC, {"id": 1, "doc": {}})
+        with pipelined(session):
+            write(session, INSERT_DOC, {"id": 2, "doc": {}})
+        # Still the outer pipeline: its writes are held until its commit.
+        assert in_pipeline_mode(session)
+        write(session, INSERT_DOC, {"id": 3, "doc": {}})
+        commit(session)
+    assert [row[0] for row in stored_docs(pooled)] == [1, 2, 3]
+    with sessions() as session, pipelined(session):
+        write(session, INSERT_DOC, {"id": 4, "doc": {}})
+        session.commit()  # not db.commit(): the held write still goes first
+    assert [row[0] for row in stored_docs(pooled)] == [1, 2, 3, 4]
+
+
+def test_a_value_the_driver_cannot_send_leaves_nothing_half_written(
+    pooled: Engine, docs: Any
+) -> None:
+    sessions = session_factory(pooled)
+    unsendable = {"id": 2, "doc": {"not json": object()}}
+    # Held back, the bad value fails where the writes are handed over: here the
+    # commit, which leaves the pipeline and commits nothing.
+    with sessions() as session, pipelined(session):
+        write(session, INSERT_DOC, {"id": 1, "doc": {}})
+        write(session, INSERT_DOC, unsendable)
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            commit(session)
+    assert stored_docs(pooled) == []
+    # A caller that catches the failure where it surfaced (a statement
+    # SQLAlchemy executes) cannot commit the half that was handed over.
+    with sessions() as session, pipelined(session):
+        write(session, INSERT_DOC, {"id": 1, "doc": {}})
+        write(session, INSERT_DOC, unsendable)
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            session.execute(text("SELECT 1"))
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            commit(session)
+    assert stored_docs(pooled) == []
+    # A pipeline that ends without a commit and fails to hand its writes over
+    # still leaves pipeline mode: the pooled connection is fit for its next user.
+    with sessions() as session:
+        with pytest.raises(TypeError, match="not JSON serializable"), pipelined(session):
+            write(session, INSERT_DOC, unsendable)
+        kept_with_connection = session.connection().info
+        assert not in_pipeline_mode(session)
+        assert not any(key.startswith("orchestrator.") for key in kept_with_connection)
+        session.rollback()
+    with sessions() as session:
+        assert not in_pipeline_mode(session)
+        assert session.execute(text("SELECT count(*) FROM it_written")).scalar_one() == 0
+
+
+def test_an_insert_with_a_clause_after_its_values_is_sent_row_by_row(
+    pooled: Engine, docs: Any, handed_to_driver: list[tuple[str, str]]
+) -> None:
+    sent = handed_to_driver
+    upsert = pg_insert(DOCS)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=[DOCS.c.id], set_={"doc": func.coalesce(upsert.excluded.doc, DOCS.c.doc)}
+    )
+    sessions = session_factory(pooled)
+    with sessions() as session, pipelined(session):
+        write(session, INSERT_DOC, {"id": 1, "doc": {"v": 1}})
+        sent.clear()
+        write(session, upsert, [{"id": 1, "doc": {"v": 2}}, {"id": 2, "doc": {"v": 3}}])
+        commit(session)
+        assert [kind for kind, sql in sent if "ON CONFLICT" in sql] == ["executemany"]
+    assert stored_docs(pooled) == [(1, '{"v": 2}', None), (2, '{"v": 3}', None)]
 
 
 def test_a_failing_write_in_a_pipeline_fails_the_commit_and_writes_nothing(

@@ -132,6 +132,8 @@ def test_perf_output_is_read_and_a_machine_without_perf_counts_nothing(
     assert infra.parse_perf_instructions("<not supported>,,instructions,0,100.00,,") is None
     assert infra.parse_perf_instructions("<not counted>,,instructions:u,0,0.00,,") is None
     assert infra.parse_perf_instructions("") is None
+    hybrid = "10,,cpu_core/instructions/,1,100.00,,\n5,,cpu_atom/instructions/,1,100.00,,"
+    assert infra.parse_perf_instructions(hybrid) == 15
     infra.perf_counts_instructions.cache_clear()
     monkeypatch.setattr(infra.shutil, "which", lambda _name: None)
     try:
