@@ -14,15 +14,7 @@ from typing import Any
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from bench.context import BenchError, Context
-from bench.infra import (
-    CpuMeter,
-    MemorySampler,
-    Proc,
-    cpu_groups,
-    cpu_per_run,
-    instructions_per_run,
-    python_module,
-)
+from bench.infra import CpuMeter, MemorySampler, Proc, cost_per_run, cpu_groups, python_module
 from bench.stats import Progress, say, summarize_ms
 
 
@@ -93,8 +85,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "submit_seconds": submitted,
             "per_second": options.n / elapsed,
             "client_threads": 1,
-            "cpu_ms_per_run": cpu_per_run(meter, options.n),
-            "minstr_per_run": instructions_per_run(meter, options.n),
+            **cost_per_run(meter, options.n),
         },
         "sequential": {
             "count": options.sequential,

@@ -22,7 +22,7 @@ from dbos import DBOS, DBOSConfig
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from bench.infra import CpuMeter, cpu_groups, cpu_per_run, instructions_per_run
+from bench.infra import CpuMeter, cost_per_run, cpu_groups
 from bench.stats import Progress, summarize_ms
 
 
@@ -123,8 +123,7 @@ def run(
                 "per_second": done / elapsed if elapsed > 0 else None,
                 "timed_out": done < n,
                 "client_threads": threads,
-                "cpu_ms_per_run": cpu_per_run(meter, max(1, done)),
-                "minstr_per_run": instructions_per_run(meter, max(1, done)),
+                **cost_per_run(meter, max(1, done)),
             },
             "sequential": {
                 "count": sequential,

@@ -498,6 +498,14 @@ def cpu_groups(
     return groups
 
 
+def cost_per_run(meter: CpuMeter, runs: int) -> dict[str, Any]:
+    """A throughput phase's cost per run: CPU by process group, and the machine's instructions."""
+    return {
+        "cpu_ms_per_run": cpu_per_run(meter, runs),
+        "minstr_per_run": instructions_per_run(meter, runs),
+    }
+
+
 def instructions_per_run(meter: CpuMeter, runs: int) -> float | None:
     """Millions of instructions the whole machine retired per run; None where none were counted."""
     counted = meter.instructions.count

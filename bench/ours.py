@@ -27,15 +27,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from bench.context import BenchError, Context
-from bench.infra import (
-    CpuMeter,
-    MemorySampler,
-    Proc,
-    cpu_groups,
-    cpu_per_run,
-    instructions_per_run,
-    python_module,
-)
+from bench.infra import CpuMeter, MemorySampler, Proc, cost_per_run, cpu_groups, python_module
 from bench.stats import Progress, say, summarize_ms
 
 if TYPE_CHECKING:
@@ -318,8 +310,7 @@ def measure_throughput(dep: Deployment, n: int) -> dict[str, Any]:
         "per_second": n / elapsed,
         "server_per_second": n / server_seconds if server_seconds > 0 else None,
         "client_threads": options.client_threads,
-        "cpu_ms_per_run": cpu_per_run(meter, n),
-        "minstr_per_run": instructions_per_run(meter, n),
+        **cost_per_run(meter, n),
     }
 
 
