@@ -457,10 +457,9 @@ def queue_checks(session: Session, checks: Sequence[tuple[Executable, Mapping[st
     if entry is None:
         return False
     dialect = session.get_bind().dialect
-    with _translated_errors(session):
-        for statement, params in checks:
-            compiled = _compiled(statement, dialect)
-            entry.send(compiled.string, compiled.construct_params(dict(params)))
+    for statement, params in checks:
+        compiled = _compiled(statement, dialect)
+        entry.send(compiled.string, compiled.construct_params(dict(params)))
     return True
 
 
@@ -516,7 +515,7 @@ def write(
     without SQLAlchemy's per-execution machinery, a third of a write's client
     time. It goes with the transaction's next sync (see ``_Open.send``), so
     ``params`` must not change until then. Several rows of a plain insert go
-    as one statement (see ``_insert_shape``). Only for statements built once
+    as one statement (see ``_rows_shape``). Only for statements built once
     (module constants): the compiled form is kept by the statement's identity.
     Its errors come at the next sync.
     """
@@ -529,8 +528,8 @@ def write(
     names = tuple(sorted(rows[0]))
     key = ("write", id(statement), names)
     writes = _statements(dialect)
-    cached = writes.get(key)
-    if cached is None or cached[0] is not statement:
+    cached: _CompiledWrite | None = writes.get(key)
+    if cached is None or cached.statement is not statement:
         compiled: Any = statement.compile(dialect=dialect, column_keys=list(names))  # type: ignore[attr-defined]
         direct = not (
             compiled.insert_prefetch
@@ -540,9 +539,9 @@ def write(
             or compiled.escaped_bind_names
             or compiled.effective_returning
         )
-        cached = [statement, compiled, compiled._bind_processors if direct else None]
+        cached = _CompiledWrite(statement, compiled, compiled._bind_processors if direct else None)
         writes[key] = cached
-    compiled, processors = cached[1], cached[2]
+    compiled, processors = cached.compiled, cached.processors
     if processors is None:
         session.execute(statement, params)
         return
@@ -553,18 +552,17 @@ def write(
             if name in bound:
                 bound[name] = process(bound[name])
         values.append(bound)
-    with _translated_errors(session):
-        if len(values) == 1:
-            entry.send(compiled.string, values[0])
-            return
-        shape = _insert_shape(cached)
-        if shape is None:
-            entry.send(compiled.string, values, many=True)
-            return
-        order, sql_for = shape
-        for start in range(0, len(values), _ROWS_PER_INSERT):
-            chunk = values[start : start + _ROWS_PER_INSERT]
-            entry.send(sql_for(len(chunk)), [row[name] for row in chunk for name in order])
+    if len(values) == 1:
+        entry.send(compiled.string, values[0])
+        return
+    shape = cached.rows_shape
+    if shape is None:
+        entry.send(compiled.string, values, many=True)
+        return
+    order, sql_for = shape
+    for start in range(0, len(values), _ROWS_PER_INSERT):
+        chunk = values[start : start + _ROWS_PER_INSERT]
+        entry.send(sql_for(len(chunk)), [row[name] for row in chunk for name in order])
 
 
 # The most rows one insert statement carries. Several rows in one statement are
@@ -594,30 +592,39 @@ def _values_row(sql: str) -> tuple[str, str] | None:
     return None
 
 
-def _insert_shape(cached: list[Any]) -> tuple[list[str], Callable[[int], str]] | None:
-    """How to send several rows of ``cached``'s insert at once; None if it cannot be.
+class _CompiledWrite:
+    """A write statement compiled for one set of parameter names, as ``write`` keeps it."""
+
+    __slots__ = ("compiled", "processors", "rows_shape", "statement")
+
+    def __init__(self, statement: Executable, compiled: Any, processors: Any) -> None:
+        self.statement = statement
+        self.compiled = compiled
+        # Each parameter's bind processing; None if SQLAlchemy must execute it.
+        self.processors = processors
+        self.rows_shape = _rows_shape(compiled.string)
+
+
+def _rows_shape(sql: str) -> tuple[list[str], Callable[[int], str]] | None:
+    """How to send several rows of the insert ``sql`` at once; None if it cannot be.
 
     Only ``INSERT INTO t (columns) VALUES (...)`` with nothing after it (no
     ``ON CONFLICT``, no ``RETURNING``) qualifies: the parameter names in the
     order of the row's placeholders, and the statement for a number of rows,
-    with positional placeholders. Worked out once and kept with the statement.
+    with positional placeholders.
     """
-    if len(cached) == 3:
-        parts = _values_row(cached[1].string)
-        found = None
-        if parts is not None:
-            head, row = parts
-            order = _PLACEHOLDER.findall(row)
-            row = _PLACEHOLDER.sub("%s", row)
+    parts = _values_row(sql)
+    if parts is None:
+        return None
+    head, row = parts
+    order = _PLACEHOLDER.findall(row)
+    row = _PLACEHOLDER.sub("%s", row)
 
-            @functools.cache
-            def sql_for(count: int) -> str:
-                return head + ", ".join([row] * count)
+    @functools.cache
+    def sql_for(count: int) -> str:
+        return head + ", ".join([row] * count)
 
-            found = (order, sql_for) if order else None
-        cached.append(found)
-    shape: tuple[list[str], Callable[[int], str]] | None = cached[3]
-    return shape
+    return (order, sql_for) if order else None
 
 
 def _compiled(statement: Executable, dialect: Any) -> Any:
