@@ -66,6 +66,7 @@ def create_db_engine(url: str, **kwargs: Any) -> Engine:
     engine = create_engine(url, pool_size=5, max_overflow=10, **kwargs)
     _ping_idle_connections(engine)
     _read_results_in_pipeline(engine)
+    _pooled_out_of_pipelines(engine)
     # A forked worker child must not share the parent's sockets.
     os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
     return engine
@@ -196,12 +197,20 @@ def _run_after_commit(session: Session) -> None:
 
 
 @event.listens_for(Session, "before_commit")
-def _send_held_back_before_commit(session: Session) -> None:
-    # A commit that bypasses commit() below, inside pipelined(): what the
-    # transaction held back goes first, or it would be lost.
-    entry = session.info.get(_PIPELINE)
-    if entry is not None:
+def _commit_pipeline_first(session: Session) -> None:
+    # A commit that bypasses commit() below, inside pipelined(): the pipeline's
+    # statements and its COMMIT go first, as commit() would send them (the
+    # driver, which learns of the transaction only at a sync, would otherwise
+    # find nothing to commit). A savepoint's release only needs them sent.
+    entry: _Open | None = session.info.get(_PIPELINE)
+    if entry is None:
+        return
+    if session.in_nested_transaction():
         entry.flush()
+        return
+    del session.info[_PIPELINE]
+    with _translated_errors(session):
+        _commit_pipeline(entry)
 
 
 @event.listens_for(Session, "after_transaction_end")
@@ -223,6 +232,8 @@ def on_close(session: Session, finalize: Callable[[Session], object]) -> None:
 
 
 _PIPELINE = "orchestrator.pipeline"
+_CONNECTION_OK = 0  # libpq's CONNECTION_OK
+_IDLE = 0  # libpq's PQTRANS_IDLE
 
 
 @contextlib.contextmanager
@@ -242,26 +253,42 @@ def pipelined(session: Session) -> Iterator[None]:
     connection = session.connection()
     driver = connection.connection.driver_connection
     start_pipeline = getattr(driver, "pipeline", None)
-    if start_pipeline is None or not _pipeline_supported():
+    if driver is None or start_pipeline is None or not _pipeline_supported():
         yield
         return
+    # In pipeline mode psycopg begins a transaction with a round trip of its
+    # own: BEGIN, then a sync to learn that the transaction began. The BEGIN
+    # goes with the transaction's other statements instead: an idle
+    # connection, not yet in pipeline mode, turns to autocommit (no word to the
+    # server), so that psycopg leaves the transaction to the statements sent;
+    # the pool turns it back (see _pooled_out_of_pipelines). One round trip
+    # and two wake-ups less a transaction, 0.45 ms of a run's 4.9 ms p50.
+    begins = (
+        not driver.autocommit
+        and driver.pgconn.status == _CONNECTION_OK
+        and driver.pgconn.transaction_status == _IDLE
+    )
+    if begins:
+        driver.autocommit = True
     manager = start_pipeline()  # a context manager around psycopg's Pipeline
     with _translated_errors(session):
         pipeline = manager.__enter__()
     entry = _Open(driver, manager, pipeline, connection.info)
+    if begins:
+        entry.send("BEGIN", None)
     connection.info[_PIPELINE] = session.info[_PIPELINE] = entry
     try:
         yield
     except BaseException as exc:
         entry = session.info.pop(_PIPELINE, None)
-        if entry is not None:
+        if entry is not None and not entry.closed:
             entry.forget()
             # Leaves pipeline mode; the block's exception is the one that counts.
             manager.__exit__(type(exc), exc, exc.__traceback__)
         raise
     else:
         entry = session.info.pop(_PIPELINE, None)
-        if entry is not None:  # ended without a commit
+        if entry is not None and not entry.closed:  # ended without a commit
             entry.forget()
             with _translated_errors(session):
                 try:
@@ -287,6 +314,8 @@ class _Open:
         self.pending: list[tuple[str, Any, bool]] = []
         # Why handing them over failed, if it did: the transaction must not commit.
         self.failed: BaseException | None = None
+        # Left by the pool: the transaction ended some other way (see _pooled_out_of_pipelines).
+        self.closed = False
 
     def blind_cursor(self) -> Any:
         """One cursor for every statement whose results nobody reads: writes, checks, COMMIT.
@@ -341,11 +370,44 @@ class _Open:
             self.failed = exc
             raise
 
+    def abandon(self) -> None:
+        """Drop what was held back and leave pipeline mode, whatever the server says."""
+        self.closed = True
+        self.pending.clear()
+        with contextlib.suppress(Exception):
+            self.manager.__exit__(None, None, None)
+
     def forget(self) -> None:
         # Before the connection can go back to the pool: its next user must not
         # find this pipeline in the connection's info (the pool keeps that dict).
         if self.info.get(_PIPELINE) is self:
             del self.info[_PIPELINE]
+
+
+def _pooled_out_of_pipelines(engine: Engine) -> None:
+    """Give the pool its connections back as they were: out of pipeline mode, not autocommit.
+
+    ``pipelined`` turns an idle connection to autocommit for the transaction
+    it begins itself, and its transaction normally ends through ``commit``,
+    which leaves the pipeline. One that ended otherwise while the block was
+    open (``session.rollback()``, ``session.close()``) still has its pipeline,
+    and its held-back statements, which must not reach the next user.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(dbapi_connection: Any, record: Any) -> None:
+        entry: _Open | None = record.info.pop(_PIPELINE, None)
+        if entry is not None:
+            entry.abandon()
+        if dbapi_connection is None or not getattr(dbapi_connection, "autocommit", False):
+            return
+        try:
+            if dbapi_connection.pgconn.transaction_status != _IDLE:
+                dbapi_connection.rollback()
+            dbapi_connection.autocommit = False
+        except Exception:
+            # A connection that fails here is gone; its next user finds out.
+            log.debug("could not reset a pooled connection", exc_info=True)
 
 
 @functools.cache

@@ -19,6 +19,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     bindparam,
+    create_engine,
     event,
     func,
     insert,
@@ -807,7 +808,7 @@ def test_rows_of_a_plain_insert_go_in_one_statement_per_fifty(
         sent.clear()
         write(session, INSERT_DOC, rows)
         commit(session)
-        inserts = [entry for entry in sent if entry[1] != "COMMIT"]
+        inserts = [entry for entry in sent if entry[1] not in ("BEGIN", "COMMIT")]
     # 120 rows: statements of 50, 50 and 20 rows, no statement per row.
     assert [kind for kind, _ in inserts] == ["execute"] * 3
     assert [sql.count("), (") + 1 for _, sql in inserts] == [50, 50, 20]
@@ -820,7 +821,7 @@ def test_rows_of_a_plain_insert_go_in_one_statement_per_fifty(
         sent.clear()
         write(session, upsert, [{"id": 1, "doc": {}}, {"id": 200, "doc": {}}])
         commit(session)
-        upserts = [entry for entry in sent if entry[1] != "COMMIT"]
+        upserts = [entry for entry in sent if entry[1] not in ("BEGIN", "COMMIT")]
     assert [kind for kind, _ in upserts] == ["executemany"]
     assert [row[0] for row in stored_docs(pooled)][-1] == 200
 
@@ -836,10 +837,11 @@ def test_writes_wait_for_the_next_sync_and_go_out_together_in_order(
         write(session, UPDATE_DOC, {"b_id": 1, "doc": {"v": 2}})
         # Held back: nothing has reached the driver yet.
         assert sent == []
-        # A statement SQLAlchemy executes sends them first, and sees them.
+        # A statement SQLAlchemy executes sends them first, and sees them:
+        # the transaction's BEGIN goes with them, not in a round trip of its own.
         seen = session.execute(text("SELECT doc->>'v' FROM it_written WHERE id = 1"))
         assert seen.scalar_one() == "2"
-        assert [sql.split()[0] for _, sql in sent] == ["INSERT", "UPDATE", "SELECT"]
+        assert [sql.split()[0] for _, sql in sent] == ["BEGIN", "INSERT", "UPDATE", "SELECT"]
         sent.clear()
         write(session, INSERT_DOC, {"id": 2, "doc": None})
         assert sent == []
@@ -878,23 +880,102 @@ def test_a_read_together_sees_the_writes_held_back_before_it(pooled: Engine, doc
     assert [row[0] for row in stored_docs(pooled)] == [1, 2]
 
 
-def test_a_pipeline_inside_another_joins_it_and_a_plain_commit_sends_what_was_held(
-    pooled: Engine, docs: Any
+def fit_for_the_next_user(engine: Engine) -> None:
+    """Every pooled connection is out of pipeline mode, idle, not autocommit, and keeps no entry."""
+    held = [engine.raw_connection() for _ in range(engine.pool.checkedin())]
+    try:
+        for proxy in held:
+            driver = proxy.driver_connection
+            assert driver is not None
+            assert not driver.pgconn.pipeline_status
+            assert driver.pgconn.transaction_status == 0  # idle
+            assert not driver.autocommit
+            assert not any(key.startswith("orchestrator.") for key in proxy.info)
+    finally:
+        for proxy in held:
+            proxy.close()
+
+
+def test_a_pipelined_transaction_begins_with_its_statements_not_in_a_round_trip_of_its_own(
+    pooled: Engine, docs: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from psycopg import _pipeline_base
+
+    # psycopg syncs (sends, then waits for every result) at a read, at the
+    # end of the pipeline, and after the BEGIN it sends itself.
+    syncs: list[str] = []
+    sync, leave = _pipeline_base.BasePipeline._sync_gen, _pipeline_base.BasePipeline._exit_gen
+
+    def counted_sync(pipeline: Any) -> Any:
+        syncs.append("sync")
+        return sync(pipeline)
+
+    def counted_exit(pipeline: Any) -> Any:
+        syncs.append("exit")
+        return leave(pipeline)
+
+    monkeypatch.setattr(_pipeline_base.BasePipeline, "_sync_gen", counted_sync)
+    monkeypatch.setattr(_pipeline_base.BasePipeline, "_exit_gen", counted_exit)
     sessions = session_factory(pooled)
     with sessions() as session, pipelined(session):
         write(session, INSERT_DOC, {"id": 1, "doc": {}})
-        with pipelined(session):
-            write(session, INSERT_DOC, {"id": 2, "doc": {}})
-        # Still the outer pipeline: its writes are held until its commit.
-        assert in_pipeline_mode(session)
-        write(session, INSERT_DOC, {"id": 3, "doc": {}})
+        write(session, UPDATE_DOC, {"b_id": 1, "doc": {"v": 1}})
         commit(session)
-    assert [row[0] for row in stored_docs(pooled)] == [1, 2, 3]
-    with sessions() as session, pipelined(session):
-        write(session, INSERT_DOC, {"id": 4, "doc": {}})
-        session.commit()  # not db.commit(): the held write still goes first
-    assert [row[0] for row in stored_docs(pooled)] == [1, 2, 3, 4]
+    # Writes, BEGIN and COMMIT: one round trip.
+    assert syncs == ["exit"]
+    assert stored_docs(pooled) == [(1, '{"v": 1}', None)]
+    fit_for_the_next_user(pooled)
+
+
+def test_a_pipelined_transaction_that_ends_another_way_leaves_the_connection_as_it_found_it(
+    database_url: str, pooled: Engine, docs: Any
+) -> None:
+    sessions = session_factory(pooled)
+    elsewhere = create_engine(database_url)  # sees only what was committed
+    try:
+        # A pipeline inside another joins it.
+        with sessions() as session, pipelined(session):
+            write(session, INSERT_DOC, {"id": 1, "doc": {}})
+            with pipelined(session):
+                write(session, INSERT_DOC, {"id": 2, "doc": {}})
+            assert in_pipeline_mode(session)
+            write(session, INSERT_DOC, {"id": 3, "doc": {}})
+            commit(session)
+        assert [row[0] for row in stored_docs(elsewhere)] == [1, 2, 3]
+        fit_for_the_next_user(pooled)
+        # A plain session commit inside the pipeline commits what was held back.
+        with sessions() as session, pipelined(session):
+            write(session, INSERT_DOC, {"id": 4, "doc": {}})
+            session.commit()
+        assert [row[0] for row in stored_docs(elsewhere)] == [1, 2, 3, 4]
+        fit_for_the_next_user(pooled)
+        # A rollback, or a close, inside it sends nothing of what was held back.
+        with sessions() as session, pipelined(session):
+            write(session, INSERT_DOC, {"id": 5, "doc": {}})
+            session.rollback()
+        with sessions() as session, pipelined(session):
+            write(session, INSERT_DOC, {"id": 6, "doc": {}})
+            session.close()
+        fit_for_the_next_user(pooled)
+        # A pipeline that ends without a commit sends its writes; the session
+        # commits them after it.
+        with sessions() as session:
+            with pipelined(session):
+                write(session, INSERT_DOC, {"id": 7, "doc": {}})
+            session.commit()
+        # An exception in the block: nothing stays.
+        with (
+            pytest.raises(RuntimeError, match="the engine failed"),
+            sessions() as session,
+            pipelined(session),
+        ):
+            write(session, INSERT_DOC, {"id": 8, "doc": {}})
+            session.execute(text("SELECT 1"))  # the write reaches the server
+            raise RuntimeError("the engine failed")
+        fit_for_the_next_user(pooled)
+        assert [row[0] for row in stored_docs(elsewhere)] == [1, 2, 3, 4, 7]
+    finally:
+        elsewhere.dispose()
 
 
 def test_a_value_the_driver_cannot_send_leaves_nothing_half_written(
