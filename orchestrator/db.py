@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
@@ -217,6 +218,11 @@ def _commit_pipeline_first(session: Session) -> None:
 def _drop_after_commit(session: Session, transaction: Any) -> None:
     if transaction.parent is None:
         session.info.pop(_AFTER_COMMIT, None)
+        # A pipeline whose connection went back to the pool (a rollback or a
+        # close inside pipelined()): the session's next transaction has none.
+        entry: _Open | None = session.info.get(_PIPELINE)
+        if entry is not None and entry.closed:
+            del session.info[_PIPELINE]
 
 
 def on_close(session: Session, finalize: Callable[[Session], object]) -> None:
@@ -232,6 +238,8 @@ def on_close(session: Session, finalize: Callable[[Session], object]) -> None:
 
 
 _PIPELINE = "orchestrator.pipeline"
+# The engines whose pool turns a connection back from what pipelined() did to it.
+_RESETTING_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 _CONNECTION_OK = 0  # libpq's CONNECTION_OK
 _IDLE = 0  # libpq's PQTRANS_IDLE
 
@@ -267,6 +275,12 @@ def pipelined(session: Session) -> Iterator[None]:
         not driver.autocommit
         and driver.pgconn.status == _CONNECTION_OK
         and driver.pgconn.transaction_status == _IDLE
+        # psycopg's own BEGIN carries these; an engine that sets any keeps it.
+        and driver.isolation_level is None
+        and driver.read_only is None
+        and driver.deferrable is None
+        # Only an engine whose pool turns the connection back.
+        and session.get_bind() in _RESETTING_ENGINES
     )
     if begins:
         driver.autocommit = True
@@ -275,6 +289,7 @@ def pipelined(session: Session) -> Iterator[None]:
         pipeline = manager.__enter__()
     entry = _Open(driver, manager, pipeline, connection.info)
     if begins:
+        entry.began = True
         entry.send("BEGIN", None)
     connection.info[_PIPELINE] = session.info[_PIPELINE] = entry
     try:
@@ -284,7 +299,7 @@ def pipelined(session: Session) -> Iterator[None]:
         if entry is not None and not entry.closed:
             entry.forget()
             # Leaves pipeline mode; the block's exception is the one that counts.
-            manager.__exit__(type(exc), exc, exc.__traceback__)
+            entry.leave(exc)
         raise
     else:
         entry = session.info.pop(_PIPELINE, None)
@@ -296,9 +311,9 @@ def pipelined(session: Session) -> Iterator[None]:
                 except BaseException as exc:
                     # Leaves pipeline mode all the same: the connection goes
                     # back to the pool.
-                    manager.__exit__(type(exc), exc, exc.__traceback__)
+                    entry.leave(exc)
                     raise
-                manager.__exit__(None, None, None)
+                entry.leave()
 
 
 class _Open:
@@ -316,6 +331,8 @@ class _Open:
         self.failed: BaseException | None = None
         # Left by the pool: the transaction ended some other way (see _pooled_out_of_pipelines).
         self.closed = False
+        # Whether pipelined() turned the connection to autocommit and sent BEGIN itself.
+        self.began = False
 
     def blind_cursor(self) -> Any:
         """One cursor for every statement whose results nobody reads: writes, checks, COMMIT.
@@ -370,6 +387,20 @@ class _Open:
             self.failed = exc
             raise
 
+    def leave(self, exc: BaseException | None = None) -> None:
+        """Leave pipeline mode (one sync), and autocommit if the transaction has ended.
+
+        An idle connection left in autocommit would commit each statement of
+        the session's next work on its own; one still in its transaction (the
+        block ended without a commit) is turned back by the pool.
+        """
+        if exc is None:
+            self.manager.__exit__(None, None, None)
+        else:
+            self.manager.__exit__(type(exc), exc, exc.__traceback__)
+        if self.began and self.driver.pgconn.transaction_status == _IDLE:
+            self.driver.autocommit = False
+
     def abandon(self) -> None:
         """Drop what was held back and leave pipeline mode, whatever the server says."""
         self.closed = True
@@ -394,20 +425,26 @@ def _pooled_out_of_pipelines(engine: Engine) -> None:
     and its held-back statements, which must not reach the next user.
     """
 
+    _RESETTING_ENGINES.add(engine)
+
     @event.listens_for(engine, "checkin")
     def _checked_in(dbapi_connection: Any, record: Any) -> None:
         entry: _Open | None = record.info.pop(_PIPELINE, None)
         if entry is not None:
             entry.abandon()
-        if dbapi_connection is None or not getattr(dbapi_connection, "autocommit", False):
+        if dbapi_connection is None:
             return
         try:
-            if dbapi_connection.pgconn.transaction_status != _IDLE:
-                dbapi_connection.rollback()
-            dbapi_connection.autocommit = False
-        except Exception:
-            # A connection that fails here is gone; its next user finds out.
-            log.debug("could not reset a pooled connection", exc_info=True)
+            if dbapi_connection.pgconn.pipeline_status:
+                raise RuntimeError("still in pipeline mode")
+            if dbapi_connection.autocommit:
+                if dbapi_connection.pgconn.transaction_status != _IDLE:
+                    dbapi_connection.rollback()
+                dbapi_connection.autocommit = False
+        except Exception as exc:
+            # Not as the next user must find it: the pool opens a new one.
+            log.warning("a pooled connection could not be reset: %s", exc)
+            record.invalidate(exc)
 
 
 @functools.cache
@@ -729,9 +766,9 @@ def _commit_pipeline(entry: _Open) -> None:
         entry.flush()
         entry.blind_cursor().execute("COMMIT")
     except BaseException as exc:
-        entry.manager.__exit__(type(exc), exc, exc.__traceback__)
+        entry.leave(exc)
         raise
-    entry.manager.__exit__(None, None, None)
+    entry.leave()
 
 
 @contextlib.contextmanager

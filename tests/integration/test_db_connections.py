@@ -46,6 +46,7 @@ from orchestrator.db import (
     create_db_engine,
     once_more_on_disconnect,
     pipelined,
+    queue_checks,
     read_together,
     session_factory,
     write,
@@ -949,13 +950,27 @@ def test_a_pipelined_transaction_that_ends_another_way_leaves_the_connection_as_
             session.commit()
         assert [row[0] for row in stored_docs(elsewhere)] == [1, 2, 3, 4]
         fit_for_the_next_user(pooled)
-        # A rollback, or a close, inside it sends nothing of what was held back.
+        # A rollback, or a close, inside it sends nothing of what was held back;
+        # the session's next transaction, in the same block, has no pipeline.
         with sessions() as session, pipelined(session):
             write(session, INSERT_DOC, {"id": 5, "doc": {}})
             session.rollback()
+            assert not queue_checks(session, [])  # no pipeline any more
+            write(session, INSERT_DOC, {"id": 50, "doc": {}})
+            session.commit()
         with sessions() as session, pipelined(session):
             write(session, INSERT_DOC, {"id": 6, "doc": {}})
             session.close()
+        fit_for_the_next_user(pooled)
+        # A block that fails before anything reached the server leaves the
+        # connection out of autocommit: what the session does next is one
+        # transaction again, and rolls back as one.
+        with sessions() as session:
+            with pytest.raises(RuntimeError, match="the engine failed"), pipelined(session):
+                write(session, INSERT_DOC, {"id": 60, "doc": {}})
+                raise RuntimeError("the engine failed")
+            session.execute(INSERT_DOC, {"id": 61, "doc": {}})
+            session.rollback()
         fit_for_the_next_user(pooled)
         # A pipeline that ends without a commit sends its writes; the session
         # commits them after it.
@@ -973,9 +988,21 @@ def test_a_pipelined_transaction_that_ends_another_way_leaves_the_connection_as_
             session.execute(text("SELECT 1"))  # the write reaches the server
             raise RuntimeError("the engine failed")
         fit_for_the_next_user(pooled)
-        assert [row[0] for row in stored_docs(elsewhere)] == [1, 2, 3, 4, 7]
+        assert [row[0] for row in stored_docs(elsewhere)] == [1, 2, 3, 4, 7, 50]
     finally:
         elsewhere.dispose()
+
+
+def test_an_engine_with_an_isolation_level_keeps_the_drivers_own_begin(database_url: str) -> None:
+    engine = create_db_engine(database_url, isolation_level="SERIALIZABLE")
+    try:
+        with session_factory(engine)() as session, pipelined(session):
+            level = session.execute(text("SHOW transaction_isolation")).scalar_one()
+            commit(session)
+        assert level == "serializable"
+        fit_for_the_next_user(engine)
+    finally:
+        engine.dispose()
 
 
 def test_a_value_the_driver_cannot_send_leaves_nothing_half_written(
