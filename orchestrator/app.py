@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine as DbEngine
@@ -25,6 +26,7 @@ from orchestrator.policies import IdConflictPolicy, IdReusePolicy
 from orchestrator.registry import Registry
 from orchestrator.run_closed import ClosedRuns, can_listen
 from orchestrator.settings import Settings
+from orchestrator.start_group import StartGroup
 from outbox.errors import OrchestratorError, PublishError
 from outbox.message import OutboxMessage
 from outbox.publisher import Publisher
@@ -85,6 +87,7 @@ class Orchestrator:
         self._local_queues: frozenset[str] = frozenset()
         self._eager_observer: EagerObserver | None = None
         self._closed_runs: ClosedRuns | None = None
+        self._start_group: StartGroup | None = None
 
     # -- lazily built parts -------------------------------------------------------
     @property
@@ -102,6 +105,16 @@ class Orchestrator:
             if self._closed_runs is None and can_listen(db):
                 self._closed_runs = ClosedRuns(db)
             return self._closed_runs
+
+    @property
+    def start_group(self) -> StartGroup:
+        """Where this process's starts in their own transactions meet to commit together."""
+        with self._lock:
+            if self._start_group is None:
+                from orchestrator.client import commit_starts
+
+                self._start_group = StartGroup(partial(commit_starts, self))
+            return self._start_group
 
     @property
     def celery(self) -> Celery:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import bindparam, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from activities.errors import InvalidPayloadError, PayloadTooLargeError
@@ -17,10 +18,11 @@ from activities.failure import Failure
 from activities.payload import from_payload, to_payload, validate_input
 from orchestrator.db import as_utc, commit, pipelined
 from orchestrator.definition import WorkflowDefinition
-from orchestrator.engine import UNREAD_START, StartResult, log_started
+from orchestrator.engine import UNREAD_START, Engine, StartResult, log_started
 from orchestrator.errors import (
     InvalidWorkflowIdError,
     ResultTimeoutError,
+    StartInDoubtError,
     UnknownSignalError,
     WorkflowFailedError,
     WorkflowNotFoundError,
@@ -30,6 +32,7 @@ from orchestrator.history import RecordedEvent
 from orchestrator.policies import IdConflictPolicy, IdReusePolicy, RunStatus
 from orchestrator.runs import load_history
 from orchestrator.schema import workflow_runs
+from orchestrator.start_group import ALONE, Member
 from orchestrator.workflow import NO_ARG
 
 if TYPE_CHECKING:
@@ -131,48 +134,20 @@ class Client:
         id_reuse_policy: IdReusePolicy,
         id_conflict_policy: IdConflictPolicy,
     ) -> StartResult:
-        """Start and commit, in one round trip where an open run is not the expected case.
+        """Start and commit, with the starts other threads of this process make meanwhile.
 
-        That start does not read its insert back: if an open run held the id
-        after all, the commit fails and the start is made again, reading as it
-        goes, for the policies to decide.
+        See :mod:`orchestrator.start_group`. Where an open run is the expected
+        case (``USE_EXISTING``), the start goes alone and reads as it goes.
         """
-        args = (workflow_type, payload, workflow_id, id_reuse_policy, id_conflict_policy)
+        request = _StartRequest(
+            workflow_type, payload, workflow_id, id_reuse_policy, id_conflict_policy
+        )
+        orchestrator = self._orchestrator
         if id_conflict_policy is not IdConflictPolicy.USE_EXISTING:
-            try:
-                started = self._start_once(*args, unread=True)
-            except IntegrityError as exc:
-                if not _run_row_missing(exc):
-                    raise
-            else:
-                if started.created:
-                    log_started(workflow_id, started.run_id, workflow_type)
-                return started
-        return self._start_once(*args, unread=False)
-
-    def _start_once(
-        self,
-        workflow_type: str,
-        payload: Any,
-        workflow_id: str,
-        id_reuse_policy: IdReusePolicy,
-        id_conflict_policy: IdConflictPolicy,
-        *,
-        unread: bool,
-    ) -> StartResult:
-        engine = self._orchestrator.engine
-        with engine.sessions() as own, pipelined(own):
-            own.info[UNREAD_START] = unread
-            started = engine.start(
-                own,
-                workflow_type,
-                payload,
-                workflow_id=workflow_id,
-                id_reuse_policy=id_reuse_policy,
-                id_conflict_policy=id_conflict_policy,
-            )
-            commit(own)
-        return started
+            started = orchestrator.start_group.start(request)
+            if started is not ALONE:
+                return cast(StartResult, started)
+        return _start_alone(orchestrator, request)
 
     def _input_payload(self, defn: WorkflowDefinition, input: Any) -> Any:
         """Validate a run's input against its type hint before anything is written."""
@@ -434,6 +409,121 @@ def _handler_payload(takes_input: bool, input_type: Any, arg: Any, name: str) ->
         return to_payload(validate_input(arg, input_type), input_type)
     except InvalidPayloadError as exc:
         raise InvalidPayloadError(f"invalid argument for {name}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _StartRequest:
+    workflow_type: str
+    payload: Any
+    workflow_id: str
+    id_reuse_policy: IdReusePolicy
+    id_conflict_policy: IdConflictPolicy
+
+    def start(self, engine: Engine, session: Session, *, unread: bool) -> StartResult:
+        session.info[UNREAD_START] = unread
+        return engine.start(
+            session,
+            self.workflow_type,
+            self.payload,
+            workflow_id=self.workflow_id,
+            id_reuse_policy=self.id_reuse_policy,
+            id_conflict_policy=self.id_conflict_policy,
+        )
+
+
+def _start_alone(orchestrator: Orchestrator, request: _StartRequest) -> StartResult:
+    """Start and commit, in one round trip where an open run is not the expected case.
+
+    That start does not read its insert back: if an open run held the id after
+    all, the commit fails and the start is made again, reading as it goes, for
+    the policies to decide.
+    """
+    engine = orchestrator.engine
+    if request.id_conflict_policy is not IdConflictPolicy.USE_EXISTING:
+        try:
+            with engine.sessions() as own, pipelined(own):
+                started = request.start(engine, own, unread=True)
+                commit(own)
+        except IntegrityError as exc:
+            if not _run_row_missing(exc):
+                raise
+        else:
+            if started.created:
+                log_started(request.workflow_id, started.run_id, request.workflow_type)
+            return started
+    with engine.sessions() as own, pipelined(own):
+        started = request.start(engine, own, unread=False)
+        commit(own)
+    return started
+
+
+def commit_starts(orchestrator: Orchestrator, members: Sequence[Member]) -> None:
+    """Commit a group of starts in one transaction (see :mod:`orchestrator.start_group`).
+
+    A group the database refuses, or whose transaction fails before its commit,
+    leaves each start to be made alone; a commit in doubt gives each start its
+    error. A lone start goes the way of a start of its own.
+    """
+    if len(members) == 1:
+        member = members[0]
+        try:
+            member.settle(_start_alone(orchestrator, member.request))
+        except Exception as exc:
+            member.settle(error=exc)
+        return
+    engine = orchestrator.engine
+    started: list[StartResult] = []
+    committing = committed = False
+
+    def done() -> None:
+        nonlocal committed
+        committed = True
+
+    try:
+        with engine.sessions() as own, pipelined(own):
+            for member in members:
+                started.append(member.request.start(engine, own, unread=True))
+            committing = True
+            commit(own, committed=done)
+    except BaseException as exc:
+        if not committed:
+            _settle_uncommitted(members, exc, committing)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if not isinstance(exc, Exception):  # the runs exist; the leader was interrupted
+            _settle_started(members, started)
+            raise
+    _settle_started(members, started)
+
+
+def _settle_started(members: Sequence[Member], started: Sequence[StartResult]) -> None:
+    for member, result in zip(members, started, strict=True):
+        request = member.request
+        log_started(request.workflow_id, result.run_id, request.workflow_type)
+        member.settle(result)
+
+
+def _settle_uncommitted(members: Sequence[Member], exc: BaseException, committing: bool) -> None:
+    """A group whose transaction did not commit, as far as this process knows."""
+    lost = isinstance(exc, DBAPIError) and exc.connection_invalidated
+    if not committing or not (lost or not isinstance(exc, Exception)):
+        # Nothing was committed: the server refused, or the COMMIT was never sent.
+        for member in members:
+            member.settle(ALONE)
+        return
+    # The connection was lost, or the leader interrupted, with the COMMIT maybe on
+    # its way: whether it committed, nobody here knows.
+    for member in members:
+        if isinstance(exc, Exception):
+            member.settle(error=exc)
+        elif member is not members[0]:
+            member.settle(
+                error=StartInDoubtError(
+                    f"the start of workflow id {member.request.workflow_id!r} was interrupted"
+                    " while committing: look the run up before starting it again"
+                )
+            )
 
 
 def _run_row_missing(exc: IntegrityError) -> bool:

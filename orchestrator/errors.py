@@ -158,3 +158,12 @@ class ContinueAsNew(BaseException):
 
 class DeadLetterNotFoundError(OrchestratorError, LookupError):
     """No dead letter has that id."""
+
+
+class StartInDoubtError(OrchestratorError):
+    """A start's transaction was interrupted while it committed: the run may or may not exist.
+
+    Raised to the other starts of a group whose committing thread was
+    interrupted (see :mod:`orchestrator.start_group`); look the run up by its
+    workflow id before starting it again.
+    """

@@ -24,6 +24,7 @@ EXPECTED = {
         "RunDescription",
         "RunStatus",
         "Settings",
+        "StartInDoubtError",
         "UnknownActivityTypeError",
         "UnknownWorkflowTypeError",
         "WorkflowAlreadyStartedError",
