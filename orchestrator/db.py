@@ -253,7 +253,10 @@ def pipelined(session: Session) -> Iterator[None]:
     back until it next waits anyway (see ``_Open.send``). One whose rows are
     read waits as usual, after everything before it. With :func:`commit`, a
     transition's writes and its COMMIT share one round trip instead of one
-    each. Elsewhere (SQLite, a libpq without pipeline mode) this does nothing.
+    each; a transaction that read nothing by then goes in one write
+    (:mod:`orchestrator.one_write`), and psycopg's pipeline mode, entered only
+    when a statement first goes to the driver, is never entered for it.
+    Elsewhere (SQLite, a libpq without pipeline mode) this does nothing.
     """
     if _PIPELINE in session.info:  # already in one: its writes and sync are the outer block's
         yield
@@ -284,10 +287,7 @@ def pipelined(session: Session) -> Iterator[None]:
     )
     if begins:
         driver.autocommit = True
-    manager = start_pipeline()  # a context manager around psycopg's Pipeline
-    with _translated_errors(session):
-        pipeline = manager.__enter__()
-    entry = _Open(driver, manager, pipeline, connection.info)
+    entry = _Open(driver, start_pipeline, connection.info)
     if begins:
         entry.began = True
         entry.send("BEGIN", None)
@@ -319,10 +319,14 @@ def pipelined(session: Session) -> Iterator[None]:
 class _Open:
     """A pipeline that :func:`pipelined` opened on a session's connection."""
 
-    def __init__(self, driver: Any, manager: Any, pipeline: Any, info: dict[str, Any]) -> None:
+    def __init__(
+        self, driver: Any, start_pipeline: Callable[[], Any], info: dict[str, Any]
+    ) -> None:
         self.driver = driver
-        self.manager = manager
-        self.pipeline = pipeline
+        self._start_pipeline = start_pipeline
+        # psycopg's pipeline, entered when a statement first goes to the driver (see enter).
+        self.manager: Any = None
+        self.pipeline: Any = None
         self.info = info
         self._blind: Any = None
         # Statements whose results nobody reads, not handed to the driver yet (see send).
@@ -333,6 +337,36 @@ class _Open:
         self.closed = False
         # Whether pipelined() turned the connection to autocommit and sent BEGIN itself.
         self.began = False
+
+    def enter(self) -> None:
+        """Enter psycopg's pipeline mode, before the first statement goes to the driver.
+
+        Not before: a transaction whose statements are all still held back at
+        its commit goes in one write instead (see :meth:`commit_at_once`).
+        """
+        if self.manager is None:
+            manager = self._start_pipeline()
+            self.pipeline = manager.__enter__()
+            self.manager = manager
+
+    def commit_at_once(self) -> bool:
+        """Send the whole transaction and its COMMIT in one write; False if it cannot go so.
+
+        Only a transaction that began here (its BEGIN the first statement held
+        back) and of which nothing has gone to the driver: nothing in it reads.
+        See :mod:`orchestrator.one_write`.
+        """
+        if self.manager is not None or not self.began or self.failed is not None:
+            return False
+        from orchestrator.one_write import commit_unread  # psycopg only: not for SQLite
+
+        pending, self.pending = self.pending, []
+        try:
+            commit_unread(self.driver, pending)
+        except BaseException as exc:
+            self.failed = exc
+            raise
+        return True
 
     def blind_cursor(self) -> Any:
         """One cursor for every statement whose results nobody reads: writes, checks, COMMIT.
@@ -373,6 +407,7 @@ class _Open:
         """
         if self.failed is not None:
             raise self.failed
+        self.enter()
         if not self.pending:
             return
         pending, self.pending = self.pending, []
@@ -394,10 +429,11 @@ class _Open:
         the session's next work on its own; one still in its transaction (the
         block ended without a commit) is turned back by the pool.
         """
-        if exc is None:
-            self.manager.__exit__(None, None, None)
-        else:
-            self.manager.__exit__(type(exc), exc, exc.__traceback__)
+        if self.manager is not None:
+            if exc is None:
+                self.manager.__exit__(None, None, None)
+            else:
+                self.manager.__exit__(type(exc), exc, exc.__traceback__)
         if self.began and self.driver.pgconn.transaction_status == _IDLE:
             self.driver.autocommit = False
 
@@ -410,8 +446,9 @@ class _Open:
         """
         self.closed = True
         self.pending.clear()
-        with contextlib.suppress(Exception):
-            self.manager.__exit__(None, None, None)
+        if self.manager is not None:
+            with contextlib.suppress(Exception):
+                self.manager.__exit__(None, None, None)
 
     def forget(self) -> None:
         # Before the connection can go back to the pool: its next user must not
@@ -766,8 +803,9 @@ def _commit_pipeline(entry: _Open) -> None:
     """Queue the COMMIT and leave pipeline mode: one sync for everything queued."""
     entry.forget()
     try:
-        entry.flush()
-        entry.blind_cursor().execute("COMMIT")
+        if not entry.commit_at_once():
+            entry.flush()
+            entry.blind_cursor().execute("COMMIT")
     except BaseException as exc:
         entry.leave(exc)
         raise

@@ -165,8 +165,8 @@ INSERT = text("INSERT INTO it_pipelined VALUES (:id, :note)")
 def test_pipelined_writes_commit_together_and_reads_see_them(pooled: Engine, scratch: Any) -> None:
     sessions = session_factory(pooled)
     with sessions() as session, pipelined(session):
-        assert in_pipeline_mode(session)
         session.execute(INSERT, {"id": 1, "note": "a"})
+        assert in_pipeline_mode(session)
         session.execute(INSERT, {"id": 2, "note": "b"})
         # A read waits for the writes queued before it, and sees them.
         count = session.execute(text("SELECT count(*) FROM it_pipelined")).scalar_one()
@@ -200,8 +200,9 @@ def test_a_failing_pipelined_write_fails_the_commit_and_writes_nothing(
     assert notes(pooled) == [(3, "after")]
 
 
+@pytest.mark.parametrize("held_back", [False, True], ids=["sent-at-once", "in-one-write"])
 def test_a_connection_lost_in_a_pipeline_is_retried_like_any_other(
-    pooled: Engine, db: Engine, scratch: Any
+    pooled: Engine, db: Engine, scratch: Any, held_back: bool
 ) -> None:
     sessions = session_factory(pooled)
     attempts: list[int] = []
@@ -210,7 +211,11 @@ def test_a_connection_lost_in_a_pipeline_is_retried_like_any_other(
     def transaction() -> None:
         attempts.append(1)
         with sessions() as session, pipelined(session):
-            session.execute(INSERT, {"id": 10 + len(attempts), "note": "x"})
+            row = {"id": 10 + len(attempts), "note": "x"}
+            if held_back:  # the whole transaction goes in one write, at the commit
+                write(session, INSERT, row)
+            else:
+                session.execute(INSERT, row)
             if len(attempts) == 1:
                 drop_connections(db)  # the database restarts before the commit
             commit(session)
@@ -218,6 +223,7 @@ def test_a_connection_lost_in_a_pipeline_is_retried_like_any_other(
     transaction()
     assert len(attempts) == 2
     assert notes(pooled) == [(12, "x")]
+    fit_for_the_next_user(pooled)
 
 
 # -------------------------------------------------------- reads in one round trip
@@ -779,11 +785,24 @@ def test_writes_in_a_pipeline_skip_sqlalchemy_and_bind_values_as_it_does(
 
 @pytest.fixture
 def handed_to_driver(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """(method, SQL) of each statement handed to psycopg's cursors, in order."""
+    """(method, SQL) of each statement handed to psycopg, in order.
+
+    Through its cursors, or, for a transaction that reads nothing, in one write
+    (``one_write``): there a statement of several rows counts as executemany.
+    """
     import psycopg
+
+    from orchestrator import one_write
 
     sent: list[tuple[str, str]] = []
     execute, executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
+    commit_unread = one_write.commit_unread
+
+    def spy_commit_unread(driver: Any, statements: Any) -> None:
+        for sql, _params, many in statements:
+            sent.append(("executemany" if many else "execute", sql))
+        sent.append(("execute", "COMMIT"))
+        commit_unread(driver, statements)
 
     def spy_execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
         sent.append(("execute", str(query)))
@@ -795,6 +814,7 @@ def handed_to_driver(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
     monkeypatch.setattr(psycopg.Cursor, "execute", spy_execute)
     monkeypatch.setattr(psycopg.Cursor, "executemany", spy_executemany)
+    monkeypatch.setattr(one_write, "commit_unread", spy_commit_unread)
     return sent
 
 
@@ -897,35 +917,122 @@ def fit_for_the_next_user(engine: Engine) -> None:
             proxy.close()
 
 
-def test_a_pipelined_transaction_begins_with_its_statements_not_in_a_round_trip_of_its_own(
+def test_a_transaction_that_reads_nothing_goes_in_one_write_with_its_begin_and_commit(
     pooled: Engine, docs: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from psycopg import _pipeline_base
+    from psycopg import _pipeline_base, pq
 
-    # psycopg syncs (sends, then waits for every result) at a read, at the
-    # end of the pipeline, and after the BEGIN it sends itself.
+    from orchestrator import one_write
+
+    # psycopg syncs (sends, then waits for every result) at a read, at the end
+    # of its pipeline, and after the BEGIN it sends itself.
     syncs: list[str] = []
     sync, leave = _pipeline_base.BasePipeline._sync_gen, _pipeline_base.BasePipeline._exit_gen
+    monkeypatch.setattr(
+        _pipeline_base.BasePipeline, "_sync_gen", lambda p: syncs.append("sync") or sync(p)
+    )
+    monkeypatch.setattr(
+        _pipeline_base.BasePipeline, "_exit_gen", lambda p: syncs.append("exit") or leave(p)
+    )
+    batches: list[list[str]] = []
+    commit_unread = one_write.commit_unread
 
-    def counted_sync(pipeline: Any) -> Any:
-        syncs.append("sync")
-        return sync(pipeline)
+    def spy(driver: Any, statements: Any) -> None:
+        batches.append([sql.split()[0] for sql, _, _ in statements])
+        commit_unread(driver, statements)
 
-    def counted_exit(pipeline: Any) -> Any:
-        syncs.append("exit")
-        return leave(pipeline)
+    monkeypatch.setattr(one_write, "commit_unread", spy)
 
-    monkeypatch.setattr(_pipeline_base.BasePipeline, "_sync_gen", counted_sync)
-    monkeypatch.setattr(_pipeline_base.BasePipeline, "_exit_gen", counted_exit)
+    def prepared() -> int:
+        with pooled.connect() as conn:
+            return int(
+                conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_prepared_statements"
+                        " WHERE name LIKE '\\_orchestrator\\_%'"
+                    )
+                ).scalar_one()
+            )
+
+    sessions = session_factory(pooled)
+    counts = []
+    for value in (1, 2):  # the second time by the names prepared the first
+        with sessions() as session, pipelined(session):
+            write(session, INSERT_DOC, {"id": value, "doc": {}})
+            write(session, UPDATE_DOC, {"b_id": value, "doc": {"v": value}})
+            commit(session)
+            driver = session.connection().connection.driver_connection
+        assert driver.pgconn.pipeline_status == pq.PipelineStatus.OFF
+        counts.append(prepared())
+    # BEGIN, the writes and COMMIT in one go each time; psycopg's pipeline never entered.
+    assert batches == [["BEGIN", "INSERT", "UPDATE"]] * 2
+    assert syncs == []
+    assert stored_docs(pooled) == [(1, '{"v": 1}', None), (2, '{"v": 2}', None)]
+    # The pool holds one connection here: the two writes were prepared once.
+    assert counts == [2, 2]
+    fit_for_the_next_user(pooled)
+
+
+def test_statements_prepared_for_one_write_survive_their_connection_forgetting_them(
+    pooled: Engine, docs: Any
+) -> None:
     sessions = session_factory(pooled)
     with sessions() as session, pipelined(session):
         write(session, INSERT_DOC, {"id": 1, "doc": {}})
-        write(session, UPDATE_DOC, {"b_id": 1, "doc": {"v": 1}})
         commit(session)
-    # Writes, BEGIN and COMMIT: one round trip.
-    assert syncs == ["exit"]
-    assert stored_docs(pooled) == [(1, '{"v": 1}', None)]
+    # What psycopg does at a rollback when it has prepared statements of its own.
+    with pooled.connect() as conn:
+        conn.exec_driver_sql("DEALLOCATE ALL")
+        conn.commit()
+    with sessions() as session, pipelined(session):
+        write(session, INSERT_DOC, {"id": 2, "doc": {}})
+        write(session, UPDATE_DOC, {"b_id": 2, "doc": {"v": 2}})
+        commit(session)
+    assert [row[:2] for row in stored_docs(pooled)] == [(1, "{}"), (2, '{"v": 2}')]
     fit_for_the_next_user(pooled)
+
+
+def test_a_connection_told_not_to_prepare_prepares_nothing_for_one_write(
+    database_url: str, docs: Any
+) -> None:
+    engine = create_db_engine(database_url, connect_args={"prepare_threshold": None})
+    try:
+        sessions = session_factory(engine)
+        for value in (1, 2):
+            with sessions() as session, pipelined(session):
+                write(session, INSERT_DOC, {"id": value, "doc": {}})
+                commit(session)
+        with engine.connect() as conn:
+            names = conn.execute(text("SELECT name FROM pg_prepared_statements")).scalars().all()
+        assert names == []
+        assert [row[0] for row in stored_docs(engine)] == [1, 2]
+    finally:
+        engine.dispose()
+
+
+def test_a_failing_statement_in_one_write_fails_the_commit_and_the_rest_is_not_run(
+    pooled: Engine, docs: Any
+) -> None:
+    sessions = session_factory(pooled)
+    with sessions() as session, pipelined(session):
+        write(session, INSERT_DOC, {"id": 1, "doc": {}})
+        commit(session)
+    with (
+        pytest.raises(IntegrityError, match="duplicate key"),
+        sessions() as session,
+        pipelined(session),
+    ):
+        write(session, INSERT_DOC, {"id": 2, "doc": {}})
+        write(session, INSERT_DOC, {"id": 1, "doc": {}})  # fails
+        write(session, INSERT_DOC, {"id": 3, "doc": {}})  # never runs
+        commit(session)
+    assert [row[0] for row in stored_docs(pooled)] == [1]
+    fit_for_the_next_user(pooled)
+    # The connection's prepared statements still serve.
+    with sessions() as session, pipelined(session):
+        write(session, INSERT_DOC, {"id": 4, "doc": {}})
+        commit(session)
+    assert [row[0] for row in stored_docs(pooled)] == [1, 4]
 
 
 def test_a_pipelined_transaction_that_ends_another_way_leaves_the_connection_as_it_found_it(
@@ -937,9 +1044,12 @@ def test_a_pipelined_transaction_that_ends_another_way_leaves_the_connection_as_
         # A pipeline inside another joins it.
         with sessions() as session, pipelined(session):
             write(session, INSERT_DOC, {"id": 1, "doc": {}})
+            outer = session.info[orchestrator_db._PIPELINE]
             with pipelined(session):
                 write(session, INSERT_DOC, {"id": 2, "doc": {}})
-            assert in_pipeline_mode(session)
+            # The outer block's pipeline holds the inner one's write too, unsent.
+            assert session.info[orchestrator_db._PIPELINE] is outer
+            assert [sql.split()[0] for sql, _, _ in outer.pending] == ["BEGIN", "INSERT", "INSERT"]
             write(session, INSERT_DOC, {"id": 3, "doc": {}})
             commit(session)
         assert [row[0] for row in stored_docs(elsewhere)] == [1, 2, 3]
