@@ -349,24 +349,31 @@ class _Open:
             self.pipeline = manager.__enter__()
             self.manager = manager
 
-    def commit_at_once(self) -> bool:
-        """Send the whole transaction and its COMMIT in one write; False if it cannot go so.
+    @property
+    def unsent(self) -> bool:
+        """Whether the transaction began here and nothing of it has gone to the driver."""
+        return self.manager is None and self.began and self.failed is None
+
+    def commit_at_once(
+        self, reads: Sequence[tuple[str, Any]] = ()
+    ) -> list[list[dict[str, Any]]] | None:
+        """Send the whole transaction and its COMMIT in one write; None if it cannot go so.
 
         Only a transaction that began here (its BEGIN the first statement held
-        back) and of which nothing has gone to the driver: nothing in it reads.
-        See :mod:`orchestrator.one_write`.
+        back) and of which nothing has gone to the driver; ``reads`` run last,
+        before the COMMIT, and their rows are returned. See
+        :mod:`orchestrator.one_write`.
         """
-        if self.manager is not None or not self.began or self.failed is not None:
-            return False
+        if not self.unsent:
+            return None
         from orchestrator.one_write import commit_unread  # psycopg only: not for SQLite
 
         pending, self.pending = self.pending, []
         try:
-            commit_unread(self.driver, pending)
+            return commit_unread(self.driver, pending, reads)
         except BaseException as exc:
             self.failed = exc
             raise
-        return True
 
     def blind_cursor(self) -> Any:
         """One cursor for every statement whose results nobody reads: writes, checks, COMMIT.
@@ -560,6 +567,17 @@ def read_together(
     if entry is None:
         return None
     dialect = session.get_bind().dialect
+    if then_commit and entry.unsent:
+        # Nothing of the transaction has gone yet: all of it goes in one write.
+        statements = []
+        for statement, params in reads:
+            compiled = _compiled(statement, dialect)
+            statements.append((compiled.string, compiled.construct_params(dict(params))))
+        del session.info[_PIPELINE]
+        with _translated_errors(session):
+            read = _commit_pipeline(entry, statements)
+        session.commit()
+        return read
     cursors = []
     with _translated_errors(session):
         try:
@@ -799,17 +817,25 @@ def commit(session: Session, *, committed: Callable[[], None] | None = None) -> 
         committed()
 
 
-def _commit_pipeline(entry: _Open) -> None:
-    """Queue the COMMIT and leave pipeline mode: one sync for everything queued."""
+def _commit_pipeline(
+    entry: _Open, reads: Sequence[tuple[str, Any]] = ()
+) -> list[list[dict[str, Any]]] | None:
+    """Queue the COMMIT and leave pipeline mode: one sync for everything queued.
+
+    Or, for a transaction nothing of which has gone to the driver, one write
+    with ``reads`` last (their rows are returned; only given for such a one).
+    """
     entry.forget()
     try:
-        if not entry.commit_at_once():
+        rows = entry.commit_at_once(reads)
+        if rows is None:
             entry.flush()
             entry.blind_cursor().execute("COMMIT")
     except BaseException as exc:
         entry.leave(exc)
         raise
     entry.leave()
+    return rows
 
 
 @contextlib.contextmanager

@@ -92,6 +92,7 @@ class _Connection:
 
     def __init__(self, driver: Any) -> None:
         self.transformer = Transformer(driver)
+        self.loader = Transformer(driver)
         # psycopg's way to say that the connection must not prepare (a pooler
         # that moves sessions between server connections): none here either.
         self.prepares = driver.prepare_threshold is not None
@@ -113,7 +114,7 @@ _CONNECTIONS: weakref.WeakKeyDictionary[Any, _Connection] = weakref.WeakKeyDicti
 class _Command:
     """One statement bound and ready to write: prepared by name, or sent whole."""
 
-    __slots__ = ("formats", "name", "params", "prepare", "query", "types")
+    __slots__ = ("formats", "name", "params", "prepare", "query", "read", "result", "types")
 
     def __init__(
         self,
@@ -128,18 +129,28 @@ class _Command:
         self.formats = formats
         self.name: bytes | None = None
         self.prepare = False
+        # Whether its rows are wanted, and then, once replied, its result.
+        self.read = False
+        self.result: Any = None
 
 
-def commit_unread(driver: Any, statements: Sequence[tuple[str, Any, bool]]) -> None:
-    """Run ``statements`` (``(sql, params, many)``, psycopg's placeholders), then COMMIT.
+def commit_unread(
+    driver: Any,
+    statements: Sequence[tuple[str, Any, bool]],
+    reads: Sequence[tuple[str, Any]] = (),
+) -> list[list[dict[str, Any]]]:
+    """Run ``statements``, then ``reads``, then COMMIT; the rows of each read, in order.
 
-    The first statement must begin the transaction (``BEGIN``) on a connection
-    in autocommit: the caller's, as ``db.pipelined`` leaves it.
+    Statements are ``(sql, params, many)`` and reads ``(sql, params)``, with
+    psycopg's placeholders. The first statement must begin the transaction
+    (``BEGIN``) on a connection in autocommit: the caller's, as
+    ``db.pipelined`` leaves it. A read's rows come as psycopg reads them
+    (its loaders for each column's type), as dictionaries by column name.
     """
     state = _CONNECTIONS.get(driver)
     if state is None:
         state = _CONNECTIONS[driver] = _Connection(driver)
-    commands = _bind(state, statements)
+    commands = _bind(state, statements, reads)
     pgconn = driver.pgconn
     error = _send(pgconn, state, commands)
     if error is not None and error.sqlstate == _NO_SUCH_STATEMENT:
@@ -152,10 +163,20 @@ def commit_unread(driver: Any, statements: Sequence[tuple[str, Any, bool]]) -> N
             raise rolled_back
         state.prepared.clear()
         for command in commands:
-            command.name, command.prepare = None, False
+            command.name, command.prepare, command.result = None, False, None
         error = _send(pgconn, state, commands)
     if error is not None:
         raise error
+    return [_rows(state, command.result) for command in commands if command.read]
+
+
+def _rows(state: _Connection, result: Any) -> list[dict[str, Any]]:
+    loader = state.loader
+    loader.set_pgresult(result)
+    names = [result.fname(index).decode(state.encoding) for index in range(result.nfields)]
+    return [
+        dict(zip(names, row, strict=True)) for row in loader.load_rows(0, result.ntuples, tuple)
+    ]
 
 
 def _send(pgconn: Any, state: _Connection, commands: Sequence[_Command]) -> errors.Error | None:
@@ -182,23 +203,35 @@ def _send(pgconn: Any, state: _Connection, commands: Sequence[_Command]) -> erro
     return error
 
 
-def _bind(state: _Connection, statements: Sequence[tuple[str, Any, bool]]) -> list[_Command]:
+def _bind(
+    state: _Connection,
+    statements: Sequence[tuple[str, Any, bool]],
+    reads: Sequence[tuple[str, Any]],
+) -> list[_Command]:
     """Every statement bound before anything is written: a value that cannot be sent fails here."""
-    transformer = state.transformer
-    commands = []
-    for sql, params, many in statements:
-        converted = state.convert(sql)
-        for row in params if many else [params]:
-            values = converted.values(row)
-            if values:
-                dumped = transformer.dump_sequence(values, [PyFormat.AUTO] * len(values))
-                types = tuple(transformer.types or ())
-                formats = tuple(transformer.formats or ())
-                commands.append(_Command(converted.query, dumped, types, formats))
-            else:
-                commands.append(_Command(converted.query, None, (), None))
+    commands = [
+        _bound(state, sql, row)
+        for sql, params, many in statements
+        for row in (params if many else [params])
+    ]
+    for sql, params in reads:
+        command = _bound(state, sql, params)
+        command.read = True
+        commands.append(command)
     commands.append(_Command(_COMMIT, None, (), None))
     return commands
+
+
+def _bound(state: _Connection, sql: str, params: Any) -> _Command:
+    converted = state.convert(sql)
+    values = converted.values(params)
+    if not values:
+        return _Command(converted.query, None, (), None)
+    transformer = state.transformer
+    dumped = transformer.dump_sequence(values, [PyFormat.AUTO] * len(values))
+    types = tuple(transformer.types or ())
+    formats = tuple(transformer.formats or ())
+    return _Command(converted.query, dumped, types, formats)
 
 
 def _name(
@@ -233,32 +266,39 @@ def _read_until_sync(
     naming: dict[tuple[bytes, tuple[int, ...]], bytes],
     encoding: str,
 ) -> errors.Error | None:
-    """Read every reply up to the sync; the first error, as psycopg raises it."""
-    # The replies, in order: a prepare's, then its statement's.
-    expected: list[tuple[bytes, tuple[int, ...]] | None] = []
+    """Read every reply up to the sync; the first error, as psycopg raises it.
+
+    A read's result is kept on its command; a prepare the server ran is
+    remembered on the connection.
+    """
+    # The replies, in order: a prepare's (its key), then its statement's.
+    expected: list[tuple[bytes, tuple[int, ...]] | _Command] = []
     for command in commands:
         if command.prepare:
             expected.append((command.query, command.types))
-        expected.append(None)
+        expected.append(command)
     error: errors.Error | None = None
     index = 0
-    got: Any = None
+    last: Any = None
     while True:
         while pgconn.is_busy():
             _wait(pgconn.socket, select.POLLIN)
             pgconn.consume_input()
         result = pgconn.get_result()
         if result is None:  # the end of one command's replies
-            if index < len(expected):
-                prepared = expected[index]
-                if prepared is not None and got == _PREPARED_OK:
-                    state.prepared[prepared] = naming[prepared]
+            if index < len(expected) and last is not None:
+                replied = expected[index]
+                if isinstance(replied, _Command):
+                    if replied.read:
+                        replied.result = last
+                elif last.status == _PREPARED_OK:
+                    state.prepared[replied] = naming[replied]
             index += 1
-            got = None
+            last = None
             continue
         status = result.status
         if status == _SYNC:
             return error
-        got = status
+        last = result
         if status == _FATAL and error is None:
             error = errors.error_from_result(result, encoding=encoding)

@@ -293,6 +293,46 @@ def test_a_failing_read_together_raises_the_database_error_and_writes_nothing(
         assert not in_pipeline_mode(session)
 
 
+def test_reads_that_end_a_transaction_nothing_of_which_was_sent_go_in_its_one_write(
+    pooled: Engine, docs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator import one_write
+
+    batches: list[tuple[list[str], list[str]]] = []
+    commit_unread = one_write.commit_unread
+
+    def spy(driver: Any, statements: Any, reads: Any = ()) -> Any:
+        batches.append(([sql.split()[0] for sql, _, _ in statements], [sql for sql, _ in reads]))
+        return commit_unread(driver, statements, reads)
+
+    monkeypatch.setattr(one_write, "commit_unread", spy)
+    now = datetime.now(UTC)
+    read_doc = text("SELECT id, doc, at FROM it_written WHERE id = :id FOR UPDATE")
+    rename = text("UPDATE it_written SET doc = :doc WHERE id = :id RETURNING id, doc")
+    sessions = session_factory(pooled)
+    with sessions() as session, pipelined(session):
+        write(session, INSERT_DOC, {"id": 1, "doc": {"v": 1}, "at": now})
+        rows = read_together(
+            session,
+            [(read_doc, {"id": 1}), (rename, {"id": 1, "doc": '{"v": 2}'}), (read_doc, {"id": 2})],
+            then_commit=True,
+        )
+    # The write, the reads and the COMMIT in one write; each read's rows, as psycopg reads them.
+    assert [(statements, len(reads)) for statements, reads in batches] == [(["BEGIN", "INSERT"], 3)]
+    assert rows == [[{"id": 1, "doc": {"v": 1}, "at": now}], [{"id": 1, "doc": {"v": 2}}], []]
+    assert stored_docs(pooled) == [(1, '{"v": 2}', now)]
+    # A read that fails fails the transaction: nothing of it stays.
+    with (
+        pytest.raises(DBAPIError, match="division by zero"),
+        sessions() as session,
+        pipelined(session),
+    ):
+        write(session, INSERT_DOC, {"id": 2, "doc": {}})
+        read_together(session, [(text("SELECT 1 / 0 AS boom"), {})], then_commit=True)
+    assert [row[0] for row in stored_docs(pooled)] == [1]
+    fit_for_the_next_user(pooled)
+
+
 @workflow.defn(name="ItThreeSteps")
 class ThreeSteps:
     @workflow.run
@@ -679,14 +719,25 @@ def test_only_claims_and_outbox_marks_commit_without_waiting_for_their_flush(
 ) -> None:
     import psycopg
 
+    from orchestrator import one_write
+
     sent: list[tuple[int, str]] = []
     execute = psycopg.Cursor.execute
+    commit_unread = one_write.commit_unread
 
     def spied(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
         sent.append((threading.get_ident(), str(query)))
         return execute(cursor, query, *args, **kwargs)
 
+    def spied_one_write(driver: Any, statements: Any, reads: Any = ()) -> Any:
+        thread = threading.get_ident()
+        sent.extend((thread, sql) for sql, _params, _many in statements)
+        sent.extend((thread, sql) for sql, _params in reads)
+        sent.append((thread, "COMMIT"))
+        return commit_unread(driver, statements, reads)
+
     monkeypatch.setattr(psycopg.Cursor, "execute", spied)
+    monkeypatch.setattr(one_write, "commit_unread", spied_one_write)
     orchestrator = embedded_on_postgres(database_url, ThreeSteps)
     try:
         handle = orchestrator.client().start_workflow(
@@ -798,11 +849,11 @@ def handed_to_driver(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     execute, executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
     commit_unread = one_write.commit_unread
 
-    def spy_commit_unread(driver: Any, statements: Any) -> None:
+    def spy_commit_unread(driver: Any, statements: Any, reads: Any = ()) -> Any:
         for sql, _params, many in statements:
             sent.append(("executemany" if many else "execute", sql))
         sent.append(("execute", "COMMIT"))
-        commit_unread(driver, statements)
+        return commit_unread(driver, statements, reads)
 
     def spy_execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
         sent.append(("execute", str(query)))
@@ -937,9 +988,9 @@ def test_a_transaction_that_reads_nothing_goes_in_one_write_with_its_begin_and_c
     batches: list[list[str]] = []
     commit_unread = one_write.commit_unread
 
-    def spy(driver: Any, statements: Any) -> None:
+    def spy(driver: Any, statements: Any, reads: Any = ()) -> Any:
         batches.append([sql.split()[0] for sql, _, _ in statements])
-        commit_unread(driver, statements)
+        return commit_unread(driver, statements, reads)
 
     monkeypatch.setattr(one_write, "commit_unread", spy)
 
