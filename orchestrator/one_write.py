@@ -249,14 +249,23 @@ def _name(
 
 
 def _flush(pgconn: Any) -> None:
+    """Write libpq's buffer out, reading what the server sends meanwhile.
+
+    A server whose replies fill the socket stops reading until they are read:
+    a long transaction must not wait to write while the replies pile up.
+    """
     while pgconn.flush():
-        _wait(pgconn.socket, select.POLLOUT)
+        if _wait(pgconn.socket, select.POLLOUT | select.POLLIN) & select.POLLIN:
+            pgconn.consume_input()
 
 
-def _wait(fd: int, event: int) -> None:
+def _wait(fd: int, events: int) -> int:
     poller = select.poll()
-    poller.register(fd, event | select.POLLERR)
-    poller.poll()
+    poller.register(fd, events | select.POLLERR)
+    ready = 0
+    for _fd, event in poller.poll():
+        ready |= event
+    return ready
 
 
 def _read_until_sync(

@@ -1043,6 +1043,24 @@ def test_statements_prepared_for_one_write_survive_their_connection_forgetting_t
     fit_for_the_next_user(pooled)
 
 
+def test_a_transaction_larger_than_the_socket_takes_goes_in_one_write_all_the_same(
+    pooled: Engine, docs: Any
+) -> None:
+    # About 8 MB of statements: libpq writes them in several goes, the server
+    # replying meanwhile.
+    rows = [{"id": n, "doc": {"pad": "x" * 2000, "n": n}} for n in range(1, 4001)]
+    sessions = session_factory(pooled)
+    with sessions() as session, pipelined(session):
+        write(session, INSERT_DOC, rows)
+        for n in range(1, 4001, 2):
+            write(session, UPDATE_DOC, {"b_id": n, "doc": {"n": -n}})
+        commit(session)
+    with pooled.connect() as conn:
+        stored = conn.execute(text("SELECT count(*), sum((doc->>'n')::int) FROM it_written")).one()
+    assert tuple(stored) == (4000, sum(range(2, 4001, 2)) - sum(range(1, 4001, 2)))
+    fit_for_the_next_user(pooled)
+
+
 def test_a_connection_told_not_to_prepare_prepares_nothing_for_one_write(
     database_url: str, docs: Any
 ) -> None:
