@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from activities.errors import InvalidPayloadError, PayloadTooLargeError
 from activities.failure import Failure
 from activities.payload import from_payload, to_payload, validate_input
-from orchestrator.db import as_utc, commit, pipelined
+from orchestrator.db import as_utc, commit, commit_handed_over, pipelined, queue_checks
 from orchestrator.definition import WorkflowDefinition
 from orchestrator.engine import UNREAD_START, Engine, StartResult, log_started
 from orchestrator.errors import (
@@ -460,9 +460,10 @@ def _start_alone(orchestrator: Orchestrator, request: _StartRequest) -> StartRes
 def commit_starts(orchestrator: Orchestrator, members: Sequence[Member]) -> None:
     """Commit a group of starts in one transaction (see :mod:`orchestrator.start_group`).
 
-    A group the database refuses, or whose transaction fails before its commit,
-    leaves each start to be made alone; a commit in doubt gives each start its
-    error. A lone start goes the way of a start of its own.
+    A group the database refuses, or whose transaction fails before its COMMIT
+    is handed over, leaves each start to be made alone; a commit in doubt
+    gives each start a :class:`StartInDoubtError`. A lone start goes the way
+    of a start of its own.
     """
     if len(members) == 1:
         member = members[0]
@@ -473,7 +474,8 @@ def commit_starts(orchestrator: Orchestrator, members: Sequence[Member]) -> None
         return
     engine = orchestrator.engine
     started: list[StartResult] = []
-    committing = committed = False
+    own: Session | None = None
+    committed = False
 
     def done() -> None:
         nonlocal committed
@@ -481,20 +483,47 @@ def commit_starts(orchestrator: Orchestrator, members: Sequence[Member]) -> None
 
     try:
         with engine.sessions() as own, pipelined(own):
+            # A group must not wait long on a row lock: the lock's holder may be
+            # a thread of this process whose own start waits in the group.
+            queue_checks(own, [(_GROUP_LOCK_TIMEOUT, {})])
             for member in members:
                 started.append(member.request.start(engine, own, unread=True))
-            committing = True
             commit(own, committed=done)
     except BaseException as exc:
-        if not committed:
-            _settle_uncommitted(members, exc, committing)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        if not isinstance(exc, Exception):  # the runs exist; the leader was interrupted
+        if committed:  # the runs exist; what failed came after the commit
             _settle_started(members, started)
+        elif own is not None and commit_handed_over(own) and not _refused(exc):
+            for member in members:
+                member.settle(error=_in_doubt(member, exc))
+        else:
+            for member in members:
+                member.settle(ALONE)
+        if not isinstance(exc, Exception):
             raise
+        return
     _settle_started(members, started)
+
+
+_GROUP_LOCK_TIMEOUT = text("SET LOCAL lock_timeout = '2s'")
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the database itself refused the transaction: it did not commit."""
+    return (
+        isinstance(exc, DBAPIError)
+        and not exc.connection_invalidated
+        and getattr(exc.orig, "sqlstate", None) is not None
+    )
+
+
+def _in_doubt(member: Member, exc: BaseException) -> StartInDoubtError:
+    error = StartInDoubtError(
+        f"the commit of the start of workflow id {member.request.workflow_id!r} may or may"
+        f" not have happened ({type(exc).__name__}: {exc}): look the run up before starting"
+        " it again"
+    )
+    error.__cause__ = exc
+    return error
 
 
 def _settle_started(members: Sequence[Member], started: Sequence[StartResult]) -> None:
@@ -502,28 +531,6 @@ def _settle_started(members: Sequence[Member], started: Sequence[StartResult]) -
         request = member.request
         log_started(request.workflow_id, result.run_id, request.workflow_type)
         member.settle(result)
-
-
-def _settle_uncommitted(members: Sequence[Member], exc: BaseException, committing: bool) -> None:
-    """A group whose transaction did not commit, as far as this process knows."""
-    lost = isinstance(exc, DBAPIError) and exc.connection_invalidated
-    if not committing or not (lost or not isinstance(exc, Exception)):
-        # Nothing was committed: the server refused, or the COMMIT was never sent.
-        for member in members:
-            member.settle(ALONE)
-        return
-    # The connection was lost, or the leader interrupted, with the COMMIT maybe on
-    # its way: whether it committed, nobody here knows.
-    for member in members:
-        if isinstance(exc, Exception):
-            member.settle(error=exc)
-        elif member is not members[0]:
-            member.settle(
-                error=StartInDoubtError(
-                    f"the start of workflow id {member.request.workflow_id!r} was interrupted"
-                    " while committing: look the run up before starting it again"
-                )
-            )
 
 
 def _run_row_missing(exc: IntegrityError) -> bool:

@@ -337,6 +337,8 @@ class _Open:
         self.closed = False
         # Whether pipelined() turned the connection to autocommit and sent BEGIN itself.
         self.began = False
+        # Whether the COMMIT has been handed to the driver (it may have reached the server).
+        self.handed_over = False
 
     def enter(self) -> None:
         """Enter psycopg's pipeline mode, before the first statement goes to the driver.
@@ -348,6 +350,9 @@ class _Open:
             manager = self._start_pipeline()
             self.pipeline = manager.__enter__()
             self.manager = manager
+
+    def _hand_over(self) -> None:
+        self.handed_over = True
 
     @property
     def unsent(self) -> bool:
@@ -370,7 +375,7 @@ class _Open:
 
         pending, self.pending = self.pending, []
         try:
-            return commit_unread(self.driver, pending, reads)
+            return commit_unread(self.driver, pending, reads, before_send=self._hand_over)
         except BaseException as exc:
             self.failed = exc
             raise
@@ -807,14 +812,37 @@ def commit(session: Session, *, committed: Callable[[], None] | None = None) -> 
     """
     entry = session.info.pop(_PIPELINE, None)
     if entry is not None:
-        with _translated_errors(session):
-            _commit_pipeline(entry)
+        try:
+            with _translated_errors(session):
+                _commit_pipeline(entry)
+        except BaseException:
+            if entry.handed_over:
+                session.info[_COMMIT_HANDED_OVER] = True
+            raise
         if committed is not None:
             committed()
             committed = None
-    session.commit()
+    try:
+        session.commit()
+    except DBAPIError as exc:
+        if exc.connection_invalidated:  # lost with the COMMIT maybe on its way
+            session.info[_COMMIT_HANDED_OVER] = True
+        raise
     if committed is not None:
         committed()
+
+
+_COMMIT_HANDED_OVER = "orchestrator.commit_handed_over"
+
+
+def commit_handed_over(session: Session) -> bool:
+    """Whether a :func:`commit` of ``session`` that failed may have reached the database.
+
+    True once its COMMIT was handed to the driver (or the connection was lost
+    under a plain commit): the error may have come after the database
+    committed. False if it failed before that: nothing was committed.
+    """
+    return bool(session.info.get(_COMMIT_HANDED_OVER, False))
 
 
 def _commit_pipeline(
@@ -830,6 +858,7 @@ def _commit_pipeline(
         rows = entry.commit_at_once(reads)
         if rows is None:
             entry.flush()
+            entry.handed_over = True
             entry.blind_cursor().execute("COMMIT")
     except BaseException as exc:
         entry.leave(exc)

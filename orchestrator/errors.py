@@ -161,9 +161,10 @@ class DeadLetterNotFoundError(OrchestratorError, LookupError):
 
 
 class StartInDoubtError(OrchestratorError):
-    """A start's transaction was interrupted while it committed: the run may or may not exist.
+    """A start's commit may or may not have happened: the run may or may not exist.
 
-    Raised to the other starts of a group whose committing thread was
-    interrupted (see :mod:`orchestrator.start_group`); look the run up by its
-    workflow id before starting it again.
+    Raised to each start of a group whose commit ended in doubt (the
+    connection lost, or the committing thread interrupted, after the COMMIT
+    was handed over; see :mod:`orchestrator.start_group`), with the cause
+    chained; look the run up by its workflow id before starting it again.
     """

@@ -7,9 +7,10 @@ reached the server as seven packets, each waking it. Most of the engine's
 transactions read nothing (a start, a step of a run the worker knows): their
 statements, held back until the commit, go here instead. Each is bound by
 psycopg's own adaptation, written into libpq's buffer in pipeline mode, and
-the buffer leaves in one write with the COMMIT and a sync; the replies are
-read until that sync. A step's transaction then costs the client a fifth of
-the CPU it did, and the server one wake-up.
+the buffer leaves with the COMMIT and a sync in one flush (a single write for
+anything under libpq's 64 kB buffer); the replies are read until that sync.
+A step's transaction then costs the client a fifth of the CPU it did, and the
+server one wake-up.
 
 Statements are prepared on a connection the first time they are sent on it,
 as psycopg prepares the ones it sees often, under names of their own (never
@@ -20,14 +21,13 @@ the server did not run (one behind a failing statement) is forgotten and made
 again next time. psycopg deallocates every prepared statement of a connection
 when one of its transactions rolls back: the next transaction sent here then
 finds its names gone, is rolled back, and is sent again, preparing anew (one
-round trip more, after a rollback only).
+round trip more, after such a rollback only).
 
 The first statement that fails stops the rest; its error, as psycopg would
 have raised it, is raised here once the replies up to the sync are read, and
 the transaction is left failed for the caller to roll back. A value that
 cannot be sent fails before anything is written. A connection lost, or a wait
-interrupted, on the way leaves libpq in pipeline mode: the pool replaces such
-a connection when it comes back (see ``db._pooled_out_of_pipelines``).
+interrupted, on the way is closed, so that the pool replaces it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 import select
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from psycopg import errors, pq
@@ -90,9 +90,8 @@ class _Converted:
 class _Connection:
     """What one connection keeps between transactions: its adapters and prepared names."""
 
+    # Nothing here refers to the connection: the entry must go when it does.
     def __init__(self, driver: Any) -> None:
-        self.transformer = Transformer(driver)
-        self.loader = Transformer(driver)
         # psycopg's way to say that the connection must not prepare (a pooler
         # that moves sessions between server connections): none here either.
         self.prepares = driver.prepare_threshold is not None
@@ -138,6 +137,7 @@ def commit_unread(
     driver: Any,
     statements: Sequence[tuple[str, Any, bool]],
     reads: Sequence[tuple[str, Any]] = (),
+    before_send: Callable[[], object] | None = None,
 ) -> list[list[dict[str, Any]]]:
     """Run ``statements``, then ``reads``, then COMMIT; the rows of each read, in order.
 
@@ -146,88 +146,107 @@ def commit_unread(
     (``BEGIN``) on a connection in autocommit: the caller's, as
     ``db.pipelined`` leaves it. A read's rows come as psycopg reads them
     (its loaders for each column's type), as dictionaries by column name.
+    ``before_send`` is called once everything is bound, before anything is
+    written: from then on the COMMIT may reach the server.
     """
     state = _CONNECTIONS.get(driver)
     if state is None:
         state = _CONNECTIONS[driver] = _Connection(driver)
-    commands = _bind(state, statements, reads)
-    pgconn = driver.pgconn
-    error = _send(pgconn, state, commands)
+    # The connection's adapters, as its cursors use them; one per transaction
+    # (a transformer refers to its connection, which the state must not).
+    commands = _bind(state, Transformer(driver), statements, reads)
+    if before_send is not None:
+        before_send()
+    error = _send(driver, state, commands)
     if error is not None and error.sqlstate == _NO_SUCH_STATEMENT:
         # The connection's prepared statements were dropped since they were
         # prepared: psycopg deallocates all of them when a transaction rolls
-        # back, its own and these. Nothing of this transaction stands (the
-        # error failed it); it is rolled back and sent again, preparing anew.
-        rolled_back = _send(pgconn, state, [_Command(b"ROLLBACK", None, (), None)])
+        # back while it holds prepared statements of its own. Nothing of this
+        # transaction stands (the error failed it); it is rolled back and
+        # sent again, preparing anew.
+        rolled_back = _send(driver, state, [_Command(b"ROLLBACK", None, (), None)])
         if rolled_back is not None:
             raise rolled_back
         state.prepared.clear()
         for command in commands:
             command.name, command.prepare, command.result = None, False, None
-        error = _send(pgconn, state, commands)
+        error = _send(driver, state, commands)
     if error is not None:
         raise error
-    return [_rows(state, command.result) for command in commands if command.read]
+    loader = Transformer(driver)
+    return [_rows(loader, state.encoding, command.result) for command in commands if command.read]
 
 
-def _rows(state: _Connection, result: Any) -> list[dict[str, Any]]:
-    loader = state.loader
+def _rows(loader: Any, encoding: str, result: Any) -> list[dict[str, Any]]:
     loader.set_pgresult(result)
-    names = [result.fname(index).decode(state.encoding) for index in range(result.nfields)]
+    names = [result.fname(index).decode(encoding) for index in range(result.nfields)]
     return [
         dict(zip(names, row, strict=True)) for row in loader.load_rows(0, result.ntuples, tuple)
     ]
 
 
-def _send(pgconn: Any, state: _Connection, commands: Sequence[_Command]) -> errors.Error | None:
-    """Write ``commands`` and a sync in one go, read the replies; the first error."""
+def _send(driver: Any, state: _Connection, commands: Sequence[_Command]) -> errors.Error | None:
+    """Write ``commands`` and a sync in one go, read the replies; the first error.
+
+    Broken off on the way (a lost connection, an interrupted wait), the
+    connection is closed: libpq would be left in pipeline mode with replies
+    unread, which neither psycopg nor the pool's reset can undo, and a closed
+    connection is one the pool replaces.
+    """
+    pgconn = driver.pgconn
     pgconn.enter_pipeline_mode()
-    naming: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
-    for command in commands:
-        _name(state, naming, command)
-        if command.prepare:
-            pgconn.send_prepare(command.name, command.query, param_types=command.types)
-        if command.name is not None:
-            pgconn.send_query_prepared(command.name, command.params, param_formats=command.formats)
-        else:
-            pgconn.send_query_params(
-                command.query,
-                command.params,
-                param_types=command.types,
-                param_formats=command.formats,
-            )
-    pgconn.pipeline_sync()
-    _flush(pgconn)
-    error = _read_until_sync(pgconn, commands, state, naming, state.encoding)
-    pgconn.exit_pipeline_mode()
+    try:
+        naming: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
+        for command in commands:
+            _name(state, naming, command)
+            if command.prepare:
+                pgconn.send_prepare(command.name, command.query, param_types=command.types)
+            if command.name is not None:
+                pgconn.send_query_prepared(
+                    command.name, command.params, param_formats=command.formats
+                )
+            else:
+                pgconn.send_query_params(
+                    command.query,
+                    command.params,
+                    param_types=command.types,
+                    param_formats=command.formats,
+                )
+        pgconn.pipeline_sync()
+        _flush(pgconn)
+        error = _read_until_sync(pgconn, commands, state, naming, state.encoding)
+        pgconn.exit_pipeline_mode()
+    except BaseException:
+        driver.close()
+        raise
     return error
 
 
 def _bind(
     state: _Connection,
+    transformer: Any,
     statements: Sequence[tuple[str, Any, bool]],
     reads: Sequence[tuple[str, Any]],
 ) -> list[_Command]:
     """Every statement bound before anything is written: a value that cannot be sent fails here."""
     commands = [
-        _bound(state, sql, row)
+        _bound(state, transformer, sql, row)
         for sql, params, many in statements
         for row in (params if many else [params])
     ]
     for sql, params in reads:
-        command = _bound(state, sql, params)
+        command = _bound(state, transformer, sql, params)
         command.read = True
         commands.append(command)
     commands.append(_Command(_COMMIT, None, (), None))
     return commands
 
 
-def _bound(state: _Connection, sql: str, params: Any) -> _Command:
+def _bound(state: _Connection, transformer: Any, sql: str, params: Any) -> _Command:
     converted = state.convert(sql)
     values = converted.values(params)
     if not values:
         return _Command(converted.query, None, (), None)
-    transformer = state.transformer
     dumped = transformer.dump_sequence(values, [PyFormat.AUTO] * len(values))
     types = tuple(transformer.types or ())
     formats = tuple(transformer.formats or ())
@@ -260,6 +279,13 @@ def _flush(pgconn: Any) -> None:
 
 
 def _wait(fd: int, events: int) -> int:
+    if not hasattr(select, "poll"):  # gevent takes poll away, and makes select cooperative
+        readable, writable, _ = select.select(
+            [fd] if events & select.POLLIN else [],
+            [fd] if events & select.POLLOUT else [],
+            [fd],
+        )
+        return (select.POLLIN if readable else 0) | (select.POLLOUT if writable else 0)
     poller = select.poll()
     poller.register(fd, events | select.POLLERR)
     ready = 0

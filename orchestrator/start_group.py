@@ -13,8 +13,11 @@ start's latency is what it was.
 A group's transaction that the database refuses (one start's workflow id taken,
 one value it cannot store) is rolled back whole, and each start of the group is
 then made again alone by its own thread, so that one start's failure is its own.
-A group whose commit ends in doubt (the connection lost while committing) gives
-every start of the group that error, as a start of its own would have got it.
+A group whose commit ends in doubt (the connection lost after its COMMIT was
+handed over) gives every start of the group a ``StartInDoubtError``. A start
+waits in the queue at most ``PATIENCE`` before it goes alone, and a group's
+transaction waits for a row lock at most as long: the lock's holder may be a
+thread of this process whose own start waits in that group, or in the queue.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from typing import Any
 
 # A group's transaction stays short: its starts' rows, a few hundred statements at most.
 MAX_GROUP = 64
+# How long a start waits in the queue before it goes alone. A commit takes
+# milliseconds; one that takes longer may be waiting, through a row lock, for
+# the very thread that waits here (its own transaction holds the lock).
+PATIENCE = 2.0
 
 
 class _Alone:
@@ -88,11 +95,44 @@ class StartGroup:
             lead = not self._leading
             self._leading = True
         if not lead:
-            member.done.wait()
+            try:
+                if not member.done.wait(PATIENCE) and self._leave(member):
+                    return ALONE
+                member.done.wait()
+            except BaseException:
+                self._abandon(member)
+                raise
             if not member.leads:
                 return member.result()
         self._lead()
         return member.result()
+
+    def _leave(self, member: Member) -> bool:
+        """Take ``member`` out of the queue if no group has it and it was not given the lead."""
+        with self._lock:
+            if member.leads or member not in self._queue:
+                return False
+            self._queue.remove(member)
+            return True
+
+    def _abandon(self, member: Member) -> None:
+        # Its thread was interrupted while it waited: out of the queue, and
+        # the lead, if it had been handed it, passed on. A group that took it
+        # already commits it all the same, as a start interrupted while
+        # committing may commit.
+        with self._lock:
+            if member in self._queue:
+                self._queue.remove(member)
+                if member.leads:
+                    self._pass_lead()
+
+    def _pass_lead(self) -> None:
+        # Under the lock: the first start queued leads next, or nobody leads.
+        if self._queue:
+            self._queue[0].leads = True
+            self._queue[0].done.set()
+        else:
+            self._leading = False
 
     def _lead(self) -> None:
         with self._lock:
@@ -107,11 +147,7 @@ class StartGroup:
                 if not member.settled:  # commit_group broke off: each tries alone
                     member.settle(ALONE)
             with self._lock:
-                if self._queue:
-                    self._queue[0].leads = True
-                    self._queue[0].done.set()
-                else:
-                    self._leading = False
+                self._pass_lead()
             for member in group[1:]:
                 member.done.set()
 

@@ -226,6 +226,40 @@ def test_a_connection_lost_in_a_pipeline_is_retried_like_any_other(
     fit_for_the_next_user(pooled)
 
 
+@pytest.mark.parametrize("held_back", [False, True], ids=["sent-at-once", "in-one-write"])
+def test_a_failed_commit_says_whether_its_commit_may_have_reached_the_database(
+    pooled: Engine, db: Engine, scratch: Any, held_back: bool
+) -> None:
+    sessions = session_factory(pooled)
+
+    def attempt(rows: list[dict[str, Any]], before_commit: Any = None) -> bool:
+        with sessions() as session:
+            try:
+                with pipelined(session):
+                    for row in rows:
+                        if held_back:
+                            write(session, INSERT, row)
+                        else:
+                            session.execute(INSERT, row)
+                    if before_commit is not None:
+                        before_commit()
+                    commit(session)
+            except Exception:
+                return orchestrator_db.commit_handed_over(session)
+        raise AssertionError("the commit did not fail")
+
+    # A value the driver cannot send: nothing went to the server.
+    assert attempt([{"id": 1, "note": object()}]) is False
+    # The server refused. Held back, the refusal comes at the commit, once the
+    # COMMIT went (the caller tells a refusal from doubt); sent at once, it may
+    # come before, when nothing could have committed.
+    refused = attempt([{"id": 2, "note": "a"}, {"id": 2, "note": "b"}])
+    assert refused is True or not held_back
+    # The connection lost under the commit: in doubt.
+    assert attempt([{"id": 3, "note": "c"}], before_commit=lambda: drop_connections(db)) is True
+    assert notes(pooled) == []
+
+
 # -------------------------------------------------------- reads in one round trip
 SELECT_NOTE = text("SELECT id, note FROM it_pipelined WHERE id = :id FOR UPDATE")
 RENAME_NOTE = text("UPDATE it_pipelined SET note = :note WHERE id = :id RETURNING id, note")
@@ -301,9 +335,9 @@ def test_reads_that_end_a_transaction_nothing_of_which_was_sent_go_in_its_one_wr
     batches: list[tuple[list[str], list[str]]] = []
     commit_unread = one_write.commit_unread
 
-    def spy(driver: Any, statements: Any, reads: Any = ()) -> Any:
+    def spy(driver: Any, statements: Any, reads: Any = (), **kwargs: Any) -> Any:
         batches.append(([sql.split()[0] for sql, _, _ in statements], [sql for sql, _ in reads]))
-        return commit_unread(driver, statements, reads)
+        return commit_unread(driver, statements, reads, **kwargs)
 
     monkeypatch.setattr(one_write, "commit_unread", spy)
     now = datetime.now(UTC)
@@ -729,12 +763,12 @@ def test_only_claims_and_outbox_marks_commit_without_waiting_for_their_flush(
         sent.append((threading.get_ident(), str(query)))
         return execute(cursor, query, *args, **kwargs)
 
-    def spied_one_write(driver: Any, statements: Any, reads: Any = ()) -> Any:
+    def spied_one_write(driver: Any, statements: Any, reads: Any = (), **kwargs: Any) -> Any:
         thread = threading.get_ident()
         sent.extend((thread, sql) for sql, _params, _many in statements)
         sent.extend((thread, sql) for sql, _params in reads)
         sent.append((thread, "COMMIT"))
-        return commit_unread(driver, statements, reads)
+        return commit_unread(driver, statements, reads, **kwargs)
 
     monkeypatch.setattr(psycopg.Cursor, "execute", spied)
     monkeypatch.setattr(one_write, "commit_unread", spied_one_write)
@@ -849,11 +883,11 @@ def handed_to_driver(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     execute, executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
     commit_unread = one_write.commit_unread
 
-    def spy_commit_unread(driver: Any, statements: Any, reads: Any = ()) -> Any:
+    def spy_commit_unread(driver: Any, statements: Any, reads: Any = (), **kwargs: Any) -> Any:
         for sql, _params, many in statements:
             sent.append(("executemany" if many else "execute", sql))
         sent.append(("execute", "COMMIT"))
-        return commit_unread(driver, statements, reads)
+        return commit_unread(driver, statements, reads, **kwargs)
 
     def spy_execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
         sent.append(("execute", str(query)))
@@ -988,9 +1022,9 @@ def test_a_transaction_that_reads_nothing_goes_in_one_write_with_its_begin_and_c
     batches: list[list[str]] = []
     commit_unread = one_write.commit_unread
 
-    def spy(driver: Any, statements: Any, reads: Any = ()) -> Any:
+    def spy(driver: Any, statements: Any, reads: Any = (), **kwargs: Any) -> Any:
         batches.append([sql.split()[0] for sql, _, _ in statements])
-        return commit_unread(driver, statements, reads)
+        return commit_unread(driver, statements, reads, **kwargs)
 
     monkeypatch.setattr(one_write, "commit_unread", spy)
 

@@ -154,3 +154,58 @@ def test_a_taken_workflow_id_fails_its_own_start_only(
         [first.run_id, starts.outcomes[held[0]].run_id]
         + [starts.outcomes[workflow_id].run_id for workflow_id in queued]
     )
+
+
+def test_a_start_queued_behind_a_lock_its_own_thread_holds_goes_alone(
+    db: Engine,
+    detoured: Orchestrator,
+    private_queue: harness.PrivateQueue,
+    held: tuple[str, Callable[[], None]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orchestrator import start_group
+
+    monkeypatch.setattr(start_group, "PATIENCE", 0.5)
+    held_id, let_go = held
+    starts = Starts(detoured)
+    starts.start(held_id)  # leads, and waits for this thread's transaction
+    wait_for(lambda: detoured.start_group._leading, "the first start to lead")
+    # This thread, its transaction still open, starts another run: it must not
+    # wait for the leader that waits for it.
+    mine = harness.unique("mine")
+    began = time.monotonic()
+    handle = detoured.client().start_workflow(OrderSaga, harness.make_order(mine), workflow_id=mine)
+    assert time.monotonic() - began < 10
+    assert harness.run_ids_of(db, mine) == [handle.run_id]
+    let_go()
+    starts.join()
+    assert not isinstance(starts.outcomes[held_id], BaseException), starts.outcomes
+    assert len(private_queue.drain()) == 2
+
+
+def test_a_group_waiting_on_a_row_lock_gives_up_and_goes_alone(
+    db: Engine, detoured: Orchestrator, held: tuple[str, Callable[[], None]]
+) -> None:
+    from orchestrator.client import _StartRequest, commit_starts
+    from orchestrator.start_group import ALONE, Member
+
+    held_id, let_go = held
+    other = harness.unique("beside-held")
+    group = [
+        Member(
+            _StartRequest(
+                "OrderSaga",
+                harness.make_order(workflow_id).model_dump(mode="json"),
+                workflow_id,
+                IdReusePolicy.ALLOW_DUPLICATE,
+                IdConflictPolicy.FAIL,
+            )
+        )
+        for workflow_id in (held_id, other)
+    ]
+    began = time.monotonic()
+    commit_starts(detoured, group)  # the held id's insert waits for this test's transaction
+    assert time.monotonic() - began < 10
+    assert [member.result() for member in group] == [ALONE, ALONE]
+    assert harness.run_ids_of(db, other) == []
+    let_go()

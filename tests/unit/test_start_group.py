@@ -18,8 +18,10 @@ import orchestrator.client as client_module
 from orchestrator import (
     IdConflictPolicy,
     IdReusePolicy,
+    StartInDoubtError,
     WorkflowAlreadyStartedError,
 )
+from orchestrator import db as orchestrator_db
 from orchestrator.client import commit_starts
 from orchestrator.engine import StartResult
 from orchestrator.schema import workflow_runs
@@ -270,32 +272,96 @@ def test_a_start_that_fails_before_the_commit_sends_the_group_alone(orchestrator
     assert run_count(orchestrator) == before + 1
 
 
-def _failing_commit(invalidated: bool) -> Callable[[Any], None]:
+class ServerError(Exception):
+    sqlstate = "40001"
+
+
+def _failing_commit(error: BaseException, *, handed_over: bool) -> Callable[[Any], None]:
     def commit(session: Any, committed: Any = None) -> None:
+        if handed_over:  # as db.commit notes a COMMIT that may have reached the server
+            session.info[orchestrator_db._COMMIT_HANDED_OVER] = True
         session.rollback()
-        raise DBAPIError("COMMIT", None, Exception("lost"), connection_invalidated=invalidated)
+        raise error
 
     return commit
 
 
-def test_a_commit_in_doubt_gives_every_start_its_error(
+def test_a_commit_in_doubt_gives_every_start_a_start_in_doubt_error(
     orchestrator: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(client_module, "commit", _failing_commit(invalidated=True))
+    lost = DBAPIError("COMMIT", None, Exception("lost"), connection_invalidated=True)
+    monkeypatch.setattr(client_module, "commit", _failing_commit(lost, handed_over=True))
     group = members("d1", "d2")
     commit_starts(orchestrator, group)
+    errors = []
     for member in group:
-        with pytest.raises(DBAPIError, match="lost"):
+        with pytest.raises(StartInDoubtError, match="may or may not") as caught:
             member.result()
+        assert caught.value.__cause__ is lost
+        errors.append(caught.value)
+    assert errors[0] is not errors[1]  # each thread raises its own
 
 
-def test_a_commit_the_database_refused_sends_the_group_alone(
-    orchestrator: Any, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("error", "handed_over"),
+    [
+        # The database refused the COMMIT: nothing was committed.
+        (DBAPIError("COMMIT", None, ServerError("refused")), True),
+        # Lost before the COMMIT was handed over: nothing was committed.
+        (DBAPIError("COMMIT", None, Exception("lost"), connection_invalidated=True), False),
+        # A value that cannot be sent fails before anything is sent.
+        (TypeError("not JSON serializable"), False),
+    ],
+    ids=["refused", "lost-before-the-commit", "unsendable"],
+)
+def test_a_group_that_surely_did_not_commit_goes_alone(
+    orchestrator: Any, monkeypatch: pytest.MonkeyPatch, error: Exception, handed_over: bool
 ) -> None:
-    monkeypatch.setattr(client_module, "commit", _failing_commit(invalidated=False))
+    monkeypatch.setattr(client_module, "commit", _failing_commit(error, handed_over=handed_over))
     group = members("r1", "r2")
     commit_starts(orchestrator, group)
     assert [member.result() for member in group] == [ALONE, ALONE]
+
+
+def test_a_follower_that_waits_too_long_leaves_the_queue_and_goes_alone(
+    starts: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator import start_group
+
+    monkeypatch.setattr(start_group, "PATIENCE", 0.2)
+    committer = Committer()
+    group = StartGroup(committer)
+    outcomes = starts(group, ["lead"])
+    assert committer.first_entered.wait(10)
+    starts(group, ["impatient"])
+    wait_for(lambda: "impatient" in outcomes)
+    assert outcomes["impatient"] is ALONE
+    assert queued(group) == 0
+    committer.release_first.set()
+    wait_for(lambda: "lead" in outcomes)
+    assert committer.groups == [["lead"]]
+    assert not group._leading
+
+
+def test_an_interrupted_follower_leaves_the_queue_and_passes_on_the_lead() -> None:
+    committer = Committer()
+    committer.release_first.set()
+    group = StartGroup(committer)
+    # Handed the lead, then interrupted before it led: the next start leads.
+    first, second = Member("first"), Member("second")
+    group._queue = [first, second]
+    group._leading = True
+    first.leads = True
+    group._abandon(first)
+    assert group._queue == [second] and second.leads and second.done.is_set()
+    # Interrupted while queued behind another: simply gone from the queue.
+    third = Member("third")
+    group._queue.append(third)
+    group._abandon(third)
+    assert group._queue == [second] and not third.leads
+    group._queue.clear()
+    group._abandon(second)
+    assert group._leading  # second was no longer queued: nothing to pass on
 
 
 def test_concurrent_client_starts_all_run(orchestrator: Any) -> None:
