@@ -32,13 +32,6 @@ def xmins(db: Engine, workflow_ids: list[str]) -> dict[str, str]:
     return {row[0]: row[1] for row in rows}
 
 
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 20
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 class Starts:
     """Client starts, each in a thread of its own; what each got, by workflow id."""
 
@@ -93,10 +86,10 @@ def queue_behind_a_held_leader(
     starts = Starts(detoured)
     group = detoured.start_group
     starts.start(held_id)  # leads, and waits at its commit for the test's transaction
-    wait_for(lambda: group._leading, "the first start to lead")
+    harness.wait_until(lambda: group._leading, 20, "the first start to lead")
     for workflow_id in workflow_ids:
         starts.start(workflow_id)
-    wait_for(lambda: len(group._queue) == len(workflow_ids), "the starts to queue")
+    harness.wait_until(lambda: len(group._queue) == len(workflow_ids), 20, "the starts to queue")
     let_go()
     starts.join()
     return starts
@@ -169,7 +162,7 @@ def test_a_start_queued_behind_a_lock_its_own_thread_holds_goes_alone(
     held_id, let_go = held
     starts = Starts(detoured)
     starts.start(held_id)  # leads, and waits for this thread's transaction
-    wait_for(lambda: detoured.start_group._leading, "the first start to lead")
+    harness.wait_until(lambda: detoured.start_group._leading, 20, "the first start to lead")
     # This thread, its transaction still open, starts another run: it must not
     # wait for the leader that waits for it.
     mine = harness.unique("mine")
