@@ -485,7 +485,8 @@ def commit_starts(orchestrator: Orchestrator, members: Sequence[Member]) -> None
         with engine.sessions() as own, pipelined(own):
             # A group must not wait long on a row lock: the lock's holder may be
             # a thread of this process whose own start waits in the group.
-            queue_checks(own, [(_GROUP_LOCK_TIMEOUT, {})])
+            if not queue_checks(own, [(_GROUP_LOCK_TIMEOUT, {})]) and _postgresql(own):
+                own.execute(_GROUP_LOCK_TIMEOUT)
             for member in members:
                 started.append(member.request.start(engine, own, unread=True))
             commit(own, committed=done)
@@ -507,13 +508,20 @@ def commit_starts(orchestrator: Orchestrator, members: Sequence[Member]) -> None
 _GROUP_LOCK_TIMEOUT = text("SET LOCAL lock_timeout = '2s'")
 
 
+def _postgresql(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def _refused(exc: BaseException) -> bool:
-    """Whether the database itself refused the transaction: it did not commit."""
-    return (
-        isinstance(exc, DBAPIError)
-        and not exc.connection_invalidated
-        and getattr(exc.orig, "sqlstate", None) is not None
-    )
+    """Whether the database itself refused the transaction: it did not commit.
+
+    Only an error of severity ERROR says so: a FATAL one (a backend terminated
+    while a synchronous standby confirms the COMMIT) can follow a commit.
+    """
+    if not isinstance(exc, DBAPIError) or exc.connection_invalidated:
+        return False
+    diag = getattr(exc.orig, "diag", None)
+    return getattr(diag, "severity_nonlocalized", None) == "ERROR"
 
 
 def _in_doubt(member: Member, exc: BaseException) -> StartInDoubtError:
@@ -527,10 +535,12 @@ def _in_doubt(member: Member, exc: BaseException) -> StartInDoubtError:
 
 
 def _settle_started(members: Sequence[Member], started: Sequence[StartResult]) -> None:
+    # Every start first, then the log: a start left unsettled would be taken for in doubt.
+    for member, result in zip(members, started, strict=True):
+        member.settle(result)
     for member, result in zip(members, started, strict=True):
         request = member.request
         log_started(request.workflow_id, result.run_id, request.workflow_type)
-        member.settle(result)
 
 
 def _run_row_missing(exc: IntegrityError) -> bool:

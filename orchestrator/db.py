@@ -824,8 +824,10 @@ def commit(session: Session, *, committed: Callable[[], None] | None = None) -> 
             committed = None
     try:
         session.commit()
-    except DBAPIError as exc:
-        if exc.connection_invalidated:  # lost with the COMMIT maybe on its way
+    except BaseException:
+        # Outside a pipeline the COMMIT goes at once: on PostgreSQL it may have
+        # committed whatever came after (SQLite commits, or not, in process).
+        if session.get_bind().dialect.name == "postgresql":
             session.info[_COMMIT_HANDED_OVER] = True
         raise
     if committed is not None:
@@ -878,11 +880,18 @@ def _translated_errors(session: Session) -> Iterator[None]:
     """
     try:
         yield
-    except Exception as exc:
+    except BaseException as exc:
         bind = session.get_bind()
         dialect = bind.dialect
         dbapi_error = dialect.loaded_dbapi.Error
         if not isinstance(exc, dbapi_error):
+            # Anything else (an interrupt, a timeout) that left the driver's
+            # connection closed (one_write closes one it broke off on): the
+            # pool must not hand it out again, and the session's rollback must
+            # not fail on it and hide this exception.
+            driver = session.connection().connection.driver_connection
+            if getattr(driver, "closed", False):
+                session.connection().invalidate(exc)
             raise
         connection = session.connection()
         lost = dialect.is_disconnect(exc, connection.connection.driver_connection, None)

@@ -50,6 +50,8 @@ _SYNC = pq.ExecStatus.PIPELINE_SYNC
 _FATAL = pq.ExecStatus.FATAL_ERROR
 _PREPARED_OK = pq.ExecStatus.COMMAND_OK
 _NO_SUCH_STATEMENT = "26000"  # invalid_sql_statement_name
+# poll()'s event bits, which select() stands in for where poll is missing.
+_IN, _OUT, _ERR = 1, 4, 8
 
 
 class _Converted:
@@ -274,20 +276,18 @@ def _flush(pgconn: Any) -> None:
     a long transaction must not wait to write while the replies pile up.
     """
     while pgconn.flush():
-        if _wait(pgconn.socket, select.POLLOUT | select.POLLIN) & select.POLLIN:
+        if _wait(pgconn.socket, _OUT | _IN) & _IN:
             pgconn.consume_input()
 
 
 def _wait(fd: int, events: int) -> int:
-    if not hasattr(select, "poll"):  # gevent takes poll away, and makes select cooperative
+    if not hasattr(select, "poll"):  # eventlet takes poll away; its select cooperates
         readable, writable, _ = select.select(
-            [fd] if events & select.POLLIN else [],
-            [fd] if events & select.POLLOUT else [],
-            [fd],
+            [fd] if events & _IN else [], [fd] if events & _OUT else [], [fd]
         )
-        return (select.POLLIN if readable else 0) | (select.POLLOUT if writable else 0)
+        return (_IN if readable else 0) | (_OUT if writable else 0)
     poller = select.poll()
-    poller.register(fd, events | select.POLLERR)
+    poller.register(fd, events | _ERR)
     ready = 0
     for _fd, event in poller.poll():
         ready |= event
@@ -317,7 +317,7 @@ def _read_until_sync(
     last: Any = None
     while True:
         while pgconn.is_busy():
-            _wait(pgconn.socket, select.POLLIN)
+            _wait(pgconn.socket, _IN)
             pgconn.consume_input()
         result = pgconn.get_result()
         if result is None:  # the end of one command's replies

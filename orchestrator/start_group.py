@@ -29,6 +29,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.errors import StartInDoubtError
+
+_BROKEN_OFF = "the commit of a group of starts broke off: look the run up before starting it again"
+
 # A group's transaction stays short: its starts' rows, a few hundred statements at most.
 MAX_GROUP = 64
 # How long a start waits in the queue before it goes alone. A commit takes
@@ -92,7 +96,7 @@ class StartGroup:
         member = Member(request)
         with self._lock:
             self._queue.append(member)
-            lead = not self._leading
+            lead = member.leads = not self._leading
             self._leading = True
         if not lead:
             try:
@@ -104,7 +108,11 @@ class StartGroup:
                 raise
             if not member.leads:
                 return member.result()
-        self._lead()
+        try:
+            self._lead()
+        except BaseException:
+            self._abandon(member)  # broken off before its group was taken: pass the lead on
+            raise
         return member.result()
 
     def _leave(self, member: Member) -> bool:
@@ -143,13 +151,15 @@ class StartGroup:
         try:
             self._commit_group(group)
         finally:
-            for member in group:
-                if not member.settled:  # commit_group broke off: each tries alone
-                    member.settle(ALONE)
-            with self._lock:
-                self._pass_lead()
-            for member in group[1:]:
-                member.done.set()
+            try:
+                for member in group:
+                    if not member.settled:  # commit_group broke off: committed or not?
+                        member.settle(error=StartInDoubtError(_BROKEN_OFF))
+                with self._lock:
+                    self._pass_lead()
+            finally:
+                for member in group[1:]:
+                    member.done.set()
 
 
 def _reset(ref: weakref.ref[StartGroup]) -> None:

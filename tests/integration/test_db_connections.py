@@ -1095,6 +1095,32 @@ def test_a_transaction_larger_than_the_socket_takes_goes_in_one_write_all_the_sa
     fit_for_the_next_user(pooled)
 
 
+def test_a_one_write_interrupted_on_its_way_raises_the_interrupt_and_the_pool_moves_on(
+    pooled: Engine, docs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator import one_write
+
+    def interrupted(fd: int, events: int) -> int:
+        raise KeyboardInterrupt
+
+    sessions = session_factory(pooled)
+    with monkeypatch.context() as patch:
+        patch.setattr(one_write, "_wait", interrupted)
+        with pytest.raises(KeyboardInterrupt), sessions() as session, pipelined(session):
+            write(session, INSERT_DOC, {"id": 1, "doc": {}})
+            driver = session.connection().connection.driver_connection
+            commit(session)
+    assert driver.closed
+    # The interrupt, not an error of the closed connection's rollback; that
+    # connection is gone from the pool, and the next transaction runs.
+    with sessions() as session, pipelined(session):
+        write(session, INSERT_DOC, {"id": 2, "doc": {}})
+        commit(session)
+        assert session.connection().connection.driver_connection is not driver
+    assert 2 in [row[0] for row in stored_docs(pooled)]
+    fit_for_the_next_user(pooled)
+
+
 def test_a_connection_told_not_to_prepare_prepares_nothing_for_one_write(
     database_url: str, docs: Any
 ) -> None:

@@ -173,7 +173,7 @@ def test_a_commit_that_breaks_off_leaves_its_starts_alone_and_the_lead_passes_on
     assert not group._leading
 
 
-def test_unsettled_members_of_a_broken_group_are_told_to_start_alone() -> None:
+def test_unsettled_members_of_a_broken_group_are_told_their_start_is_in_doubt() -> None:
     def commit_group(members: Sequence[Member]) -> None:
         members[0].settle("first")
         raise KeyboardInterrupt
@@ -185,7 +185,8 @@ def test_unsettled_members_of_a_broken_group_are_told_to_start_alone() -> None:
     with pytest.raises(KeyboardInterrupt):
         group._lead()
     assert member.done.is_set()
-    assert member.result() is ALONE
+    with pytest.raises(StartInDoubtError, match="broke off"):
+        member.result()
     assert not group._leading
 
 
@@ -273,7 +274,17 @@ def test_a_start_that_fails_before_the_commit_sends_the_group_alone(orchestrator
 
 
 class ServerError(Exception):
+    """What psycopg raises for an error the server reports."""
+
     sqlstate = "40001"
+
+    class diag:
+        severity_nonlocalized = "ERROR"
+
+
+class ServerFatal(ServerError):
+    class diag:
+        severity_nonlocalized = "FATAL"
 
 
 def _failing_commit(error: BaseException, *, handed_over: bool) -> Callable[[Any], None]:
@@ -286,10 +297,18 @@ def _failing_commit(error: BaseException, *, handed_over: bool) -> Callable[[Any
     return commit
 
 
+@pytest.mark.parametrize(
+    "lost",
+    [
+        DBAPIError("COMMIT", None, Exception("lost"), connection_invalidated=True),
+        # FATAL, not ERROR: the backend went away, maybe after committing.
+        DBAPIError("COMMIT", None, ServerFatal("terminating connection")),
+    ],
+    ids=["connection-lost", "fatal"],
+)
 def test_a_commit_in_doubt_gives_every_start_a_start_in_doubt_error(
-    orchestrator: Any, monkeypatch: pytest.MonkeyPatch
+    orchestrator: Any, monkeypatch: pytest.MonkeyPatch, lost: DBAPIError
 ) -> None:
-    lost = DBAPIError("COMMIT", None, Exception("lost"), connection_invalidated=True)
     monkeypatch.setattr(client_module, "commit", _failing_commit(lost, handed_over=True))
     group = members("d1", "d2")
     commit_starts(orchestrator, group)
