@@ -889,9 +889,10 @@ def _translated_errors(session: Session) -> Iterator[None]:
             # connection closed (one_write closes one it broke off on): the
             # pool must not hand it out again, and the session's rollback must
             # not fail on it and hide this exception.
-            driver = session.connection().connection.driver_connection
-            if getattr(driver, "closed", False):
-                session.connection().invalidate(exc)
+            if session.in_transaction():  # else no connection of its own to look at
+                connection = session.connection()
+                if getattr(connection.connection.driver_connection, "closed", False):
+                    connection.invalidate(exc)
             raise
         connection = session.connection()
         lost = dialect.is_disconnect(exc, connection.connection.driver_connection, None)

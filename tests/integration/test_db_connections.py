@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -327,19 +329,49 @@ def test_a_failing_read_together_raises_the_database_error_and_writes_nothing(
         assert not in_pipeline_mode(session)
 
 
-def test_reads_that_end_a_transaction_nothing_of_which_was_sent_go_in_its_one_write(
-    pooled: Engine, docs: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@dataclass(frozen=True)
+class OneWrite:
+    """One transaction sent by ``one_write``: its thread, statements and reads."""
+
+    thread: int
+    statements: list[tuple[str, bool]]  # (sql, several rows)
+    reads: list[str]
+
+
+class OneWrites(list[OneWrite]):
+    """The transactions sent so far; ``observers`` hear of each as it is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.observers: list[Callable[[OneWrite], None]] = []
+
+
+@pytest.fixture
+def one_writes(monkeypatch: pytest.MonkeyPatch) -> OneWrites:
+    """Every transaction ``one_write`` sends, in order, as it is sent."""
     from orchestrator import one_write
 
-    batches: list[tuple[list[str], list[str]]] = []
+    sent = OneWrites()
     commit_unread = one_write.commit_unread
 
     def spy(driver: Any, statements: Any, reads: Any = (), **kwargs: Any) -> Any:
-        batches.append(([sql.split()[0] for sql, _, _ in statements], [sql for sql, _ in reads]))
+        batch = OneWrite(
+            threading.get_ident(),
+            [(sql, many) for sql, _params, many in statements],
+            [sql for sql, _params in reads],
+        )
+        sent.append(batch)
+        for observe in sent.observers:
+            observe(batch)
         return commit_unread(driver, statements, reads, **kwargs)
 
     monkeypatch.setattr(one_write, "commit_unread", spy)
+    return sent
+
+
+def test_reads_that_end_a_transaction_nothing_of_which_was_sent_go_in_its_one_write(
+    pooled: Engine, docs: Any, one_writes: OneWrites
+) -> None:
     now = datetime.now(UTC)
     read_doc = text("SELECT id, doc, at FROM it_written WHERE id = :id FOR UPDATE")
     rename = text("UPDATE it_written SET doc = :doc WHERE id = :id RETURNING id, doc")
@@ -352,7 +384,9 @@ def test_reads_that_end_a_transaction_nothing_of_which_was_sent_go_in_its_one_wr
             then_commit=True,
         )
     # The write, the reads and the COMMIT in one write; each read's rows, as psycopg reads them.
-    assert [(statements, len(reads)) for statements, reads in batches] == [(["BEGIN", "INSERT"], 3)]
+    assert [
+        ([sql.split()[0] for sql, _ in sent.statements], len(sent.reads)) for sent in one_writes
+    ] == [(["BEGIN", "INSERT"], 3)]
     assert rows == [[{"id": 1, "doc": {"v": 1}, "at": now}], [{"id": 1, "doc": {"v": 2}}], []]
     assert stored_docs(pooled) == [(1, '{"v": 2}', now)]
     # A read that fails fails the transaction: nothing of it stays.
@@ -749,29 +783,25 @@ def test_a_stale_result_for_a_run_the_worker_knows_is_dropped(
 
 
 def test_only_claims_and_outbox_marks_commit_without_waiting_for_their_flush(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
+    database_url: str, monkeypatch: pytest.MonkeyPatch, one_writes: OneWrites
 ) -> None:
     import psycopg
 
-    from orchestrator import one_write
-
     sent: list[tuple[int, str]] = []
     execute = psycopg.Cursor.execute
-    commit_unread = one_write.commit_unread
 
     def spied(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
         sent.append((threading.get_ident(), str(query)))
         return execute(cursor, query, *args, **kwargs)
 
-    def spied_one_write(driver: Any, statements: Any, reads: Any = (), **kwargs: Any) -> Any:
-        thread = threading.get_ident()
-        sent.extend((thread, sql) for sql, _params, _many in statements)
-        sent.extend((thread, sql) for sql, _params in reads)
-        sent.append((thread, "COMMIT"))
-        return commit_unread(driver, statements, reads, **kwargs)
+    def spied_one_write(batch: OneWrite) -> None:
+        # In the order the server runs them, among the cursors' statements.
+        sent.extend((batch.thread, sql) for sql, _many in batch.statements)
+        sent.extend((batch.thread, sql) for sql in batch.reads)
+        sent.append((batch.thread, "COMMIT"))
 
     monkeypatch.setattr(psycopg.Cursor, "execute", spied)
-    monkeypatch.setattr(one_write, "commit_unread", spied_one_write)
+    one_writes.observers.append(spied_one_write)
     orchestrator = embedded_on_postgres(database_url, ThreeSteps)
     try:
         handle = orchestrator.client().start_workflow(
@@ -869,7 +899,9 @@ def test_writes_in_a_pipeline_skip_sqlalchemy_and_bind_values_as_it_does(
 
 
 @pytest.fixture
-def handed_to_driver(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+def handed_to_driver(
+    monkeypatch: pytest.MonkeyPatch, one_writes: OneWrites
+) -> list[tuple[str, str]]:
     """(method, SQL) of each statement handed to psycopg, in order.
 
     Through its cursors, or, for a transaction that reads nothing, in one write
@@ -877,17 +909,12 @@ def handed_to_driver(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     """
     import psycopg
 
-    from orchestrator import one_write
-
     sent: list[tuple[str, str]] = []
     execute, executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
-    commit_unread = one_write.commit_unread
 
-    def spy_commit_unread(driver: Any, statements: Any, reads: Any = (), **kwargs: Any) -> Any:
-        for sql, _params, many in statements:
-            sent.append(("executemany" if many else "execute", sql))
+    def spy_one_write(batch: OneWrite) -> None:
+        sent.extend(("executemany" if many else "execute", sql) for sql, many in batch.statements)
         sent.append(("execute", "COMMIT"))
-        return commit_unread(driver, statements, reads, **kwargs)
 
     def spy_execute(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
         sent.append(("execute", str(query)))
@@ -899,7 +926,7 @@ def handed_to_driver(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
 
     monkeypatch.setattr(psycopg.Cursor, "execute", spy_execute)
     monkeypatch.setattr(psycopg.Cursor, "executemany", spy_executemany)
-    monkeypatch.setattr(one_write, "commit_unread", spy_commit_unread)
+    one_writes.observers.append(spy_one_write)
     return sent
 
 
@@ -1003,11 +1030,9 @@ def fit_for_the_next_user(engine: Engine) -> None:
 
 
 def test_a_transaction_that_reads_nothing_goes_in_one_write_with_its_begin_and_commit(
-    pooled: Engine, docs: Any, monkeypatch: pytest.MonkeyPatch
+    pooled: Engine, docs: Any, monkeypatch: pytest.MonkeyPatch, one_writes: OneWrites
 ) -> None:
     from psycopg import _pipeline_base, pq
-
-    from orchestrator import one_write
 
     # psycopg syncs (sends, then waits for every result) at a read, at the end
     # of its pipeline, and after the BEGIN it sends itself.
@@ -1019,14 +1044,6 @@ def test_a_transaction_that_reads_nothing_goes_in_one_write_with_its_begin_and_c
     monkeypatch.setattr(
         _pipeline_base.BasePipeline, "_exit_gen", lambda p: syncs.append("exit") or leave(p)
     )
-    batches: list[list[str]] = []
-    commit_unread = one_write.commit_unread
-
-    def spy(driver: Any, statements: Any, reads: Any = (), **kwargs: Any) -> Any:
-        batches.append([sql.split()[0] for sql, _, _ in statements])
-        return commit_unread(driver, statements, reads, **kwargs)
-
-    monkeypatch.setattr(one_write, "commit_unread", spy)
 
     def prepared() -> int:
         with pooled.connect() as conn:
@@ -1050,7 +1067,9 @@ def test_a_transaction_that_reads_nothing_goes_in_one_write_with_its_begin_and_c
         assert driver.pgconn.pipeline_status == pq.PipelineStatus.OFF
         counts.append(prepared())
     # BEGIN, the writes and COMMIT in one go each time; psycopg's pipeline never entered.
-    assert batches == [["BEGIN", "INSERT", "UPDATE"]] * 2
+    assert [[sql.split()[0] for sql, _ in sent.statements] for sent in one_writes] == [
+        ["BEGIN", "INSERT", "UPDATE"]
+    ] * 2
     assert syncs == []
     assert stored_docs(pooled) == [(1, '{"v": 1}', None), (2, '{"v": 2}', None)]
     # The pool holds one connection here: the two writes were prepared once.
