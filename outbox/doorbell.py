@@ -8,11 +8,10 @@ import os
 import threading
 import time
 import weakref
-from typing import Any
 
 from sqlalchemy import Engine
 
-from outbox.dedicated import dedicated_connection
+from outbox.dedicated import OwnConnection
 from outbox.schema import NOTIFY_CHANNEL
 
 _log = logging.getLogger("outbox")
@@ -45,15 +44,13 @@ class Doorbell:
     """
 
     def __init__(self, engine: Engine) -> None:
-        self._engine = engine
         self._wake = threading.Condition()
         self._rung: dict[tuple[str, str], None] = {}
         self._sending = False
         self._pid = 0
-        self._conn: Any = None
-        # Connections a forked child inherited: closing one would end the
-        # parent's session too, so the child keeps them, unused.
-        self._inherited: list[Any] = []
+        # Each notification is a transaction of its own that need not wait for
+        # the disk: a lost one only leaves rows to the poll.
+        self._conn = OwnConnection(engine, ["SET synchronous_commit TO off"])
         self._closed = False
         # Through a weak reference: the hook must not keep this (and its engine) alive.
         this = weakref.ref(self)
@@ -68,9 +65,7 @@ class Doorbell:
         self._rung = {}
         self._sending = False
         self._pid = 0
-        if self._conn is not None:
-            self._inherited.append(self._conn)
-            self._conn = None
+        self._conn.forget()
 
     def ring(self, channel: str = NOTIFY_CHANNEL, payload: str = "") -> None:
         """Ask for a notification after the caller's commit; returns at once."""
@@ -110,7 +105,7 @@ class Doorbell:
                     remaining = idle_until - time.monotonic()
                     if remaining <= 0 or self._closed:
                         self._pid = 0
-                        self._close()
+                        self._conn.close()
                         return
                     self._wake.wait(remaining)
                 rung, self._rung = list(self._rung), {}
@@ -123,33 +118,13 @@ class Doorbell:
                 time.sleep(_QUIET_AFTER_FAILURE)
 
     def _send(self, rung: list[tuple[str, str]]) -> bool:
+        channels, payloads = zip(*rung, strict=True)
         try:
-            if self._conn is None:
-                self._conn = self._connect()
-            cursor = self._conn.cursor()
-            try:
-                channels, payloads = zip(*rung, strict=True)
-                cursor.execute(_NOTIFY, (list(channels), list(payloads)))
-            finally:
-                cursor.close()
+            self._conn.execute(_NOTIFY, (list(channels), list(payloads)))
         except Exception as exc:
-            self._close()
             _log.warning("notifying failed, those listening will find out by polling: %s", exc)
             return False
         return True
-
-    def _connect(self) -> Any:
-        # Each notification is a transaction of its own that need not wait for
-        # the disk: a lost one only leaves rows to the poll.
-        return dedicated_connection(self._engine, ["SET synchronous_commit TO off"])
-
-    def _close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:  # pragma: no cover - closing a broken connection
-                _log.debug("closing the doorbell's connection failed", exc_info=True)
 
 
 def _forget(ref: weakref.ref[Doorbell]) -> None:

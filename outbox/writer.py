@@ -15,6 +15,7 @@ from sqlalchemy import Engine, event, insert, text, update
 from sqlalchemy.orm import Session, SessionTransaction
 
 from outbox.crashpoints import crash_point
+from outbox.dedicated import OwnConnection
 from outbox.doorbell import Doorbell
 from outbox.errors import PublishError
 from outbox.message import OutboxMessage
@@ -40,6 +41,11 @@ def _execute(session: Session, statement: Any, rows: list[dict[str, Any]]) -> No
 
 
 _ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
+# The batched marks on PostgreSQL: one statement, on the marker's own connection.
+_MARK_ALL = (
+    f"UPDATE {outbox_messages.name} SET published_at = %s, "
+    "publish_attempts = publish_attempts + 1 WHERE id = ANY(%s)"
+)
 
 _T = TypeVar("_T")
 
@@ -71,8 +77,12 @@ class _Marker:
     _FLUSH_EVERY = 0.02
     _BATCH = 500
 
-    def __init__(self, mark: Callable[[Sequence[str]], None]) -> None:
+    def __init__(
+        self, mark: Callable[[Sequence[str]], None], connection: OwnConnection | None = None
+    ) -> None:
         self._mark = mark
+        # Where ``mark`` runs, if on a connection of the marker's own.
+        self._connection = connection
         self._ids: list[str] = []
         self._wake = threading.Condition()
         self._pid = 0
@@ -85,6 +95,8 @@ class _Marker:
         self._wake = threading.Condition()
         self._ids = []
         self._pid = 0
+        if self._connection is not None:
+            self._connection.forget()
 
     def add(self, ids: Sequence[str]) -> None:
         with self._wake:
@@ -105,6 +117,12 @@ class _Marker:
                     self._mark(chunk)
             except Exception:
                 _log.exception("marking %d published outbox message(s) failed", len(ids))
+
+    def close(self) -> None:
+        """Mark what is left, and let the marker's own connection go."""
+        self.flush()
+        if self._connection is not None:
+            self._connection.close()
 
     def _run(self) -> None:
         while True:
@@ -158,8 +176,15 @@ class OutboxWriter:
         self.publish_after_commit = publish_after_commit
         self.relay_only_kinds = frozenset(relay_only_kinds)
         self._insert = insert
-        self._marker = _Marker(self._mark_published) if batch_marks else None
         self._postgres = engine.dialect.name == "postgresql"
+        self._marker: _Marker | None = None
+        if batch_marks and self._postgres:
+            # One statement a batch, one round trip, on a connection of its own
+            # that does not wait for the disk (a lost mark only sends again).
+            own = OwnConnection(engine, ["SET synchronous_commit TO off"])
+            self._marker = _Marker(lambda ids: _mark_all(own, ids), own)
+        elif batch_marks:
+            self._marker = _Marker(self._mark_published)
         self.doorbell = Doorbell(engine) if self._postgres else None
 
     def add(self, session: Session, messages: Iterable[OutboxMessage]) -> None:
@@ -204,7 +229,7 @@ class OutboxWriter:
     def close(self) -> None:
         """Mark what was published and send the pending wake-ups (a clean shutdown)."""
         if self._marker is not None:
-            self._marker.flush()
+            self._marker.close()
         if self.doorbell is not None:
             self.doorbell.close()
 
@@ -294,6 +319,10 @@ class OutboxWriter:
                     .where(table.c.id.in_(chunk))
                     .values(published_at=now, publish_attempts=table.c.publish_attempts + 1)
                 )
+
+
+def _mark_all(connection: OwnConnection, ids: Sequence[str]) -> None:
+    connection.execute(_MARK_ALL, (datetime.now(UTC), list(ids)))
 
 
 # Once for every session, rather than three listeners registered on each

@@ -39,6 +39,7 @@ SUFFIX = uuid.uuid4().hex[:12]
 SCHEMA = f"outbox_test_{SUFFIX}"
 # Lets a test find (and kill) exactly the relay's own server connections.
 RELAY_APPLICATION = f"outbox_relay_{SUFFIX}"
+MARKER_APPLICATION = f"outbox_marker_{SUFFIX}"
 
 
 def schema_engine(application_name: str) -> Engine:
@@ -147,6 +148,68 @@ def test_commit_publishes_once_and_marks_published(engine: Engine) -> None:
     relay = Relay(engine, publisher, grace=0)
     assert relay.run_once() == 0
     assert relay.backlog() == (0, None)
+
+
+def wait_marked(engine: Engine, messages: Sequence[OutboxMessage], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(published_at(engine, message.id) is not None for message in messages):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_batched_marks_go_in_one_statement_on_a_connection_of_their_own(
+    engine: Engine, admin: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marks: list[tuple[str, bool]] = []
+    execute = psycopg.Cursor.execute
+
+    def spied(cursor: psycopg.Cursor[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(query).startswith("UPDATE") and "published_at" in str(query):
+            marks.append((str(query), cursor.connection.autocommit))
+        return execute(cursor, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", spied)
+    writer_engine = schema_engine(MARKER_APPLICATION)
+    writer = OutboxWriter(writer_engine, RecordingPublisher(), batch_marks=True)
+    try:
+        first = [task(n) for n in range(3)]
+        with Session(writer_engine) as session:
+            writer.add(session, first)
+            session.commit()
+        assert wait_marked(engine, first)
+        # All three in one statement, on an autocommitting connection (not a
+        # pooled one in a transaction): a round trip, not four.
+        assert len(marks) == 1
+        assert "ANY" in marks[0][0] and marks[0][1] is True
+
+        # The database drops the marker's connection (a restart): the next
+        # batch's marks fail and are left to the relay, and the marker connects
+        # again for the one after.
+        with admin.begin() as conn:
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = :name"
+                ),
+                {"name": MARKER_APPLICATION},
+            )
+        writer_engine.dispose()
+        lost, marked = task(10), task(11)
+        for message in (lost, marked):
+            before = len(marks)
+            with Session(writer_engine) as session:
+                writer.add(session, [message])
+                session.commit()
+            deadline = time.monotonic() + 10
+            while len(marks) == before and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert wait_marked(engine, [marked])
+        assert published_at(engine, lost.id) is None
+    finally:
+        writer.close()
+        writer_engine.dispose()
 
 
 def test_concurrent_run_once_claims_disjoint_batches(engine: Engine) -> None:
