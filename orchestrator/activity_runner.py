@@ -37,6 +37,7 @@ from orchestrator import messages, metrics
 from orchestrator.db import (
     abandon_pipeline,
     as_utc,
+    bound_to,
     check_refused,
     commit,
     once_more_on_disconnect,
@@ -413,8 +414,8 @@ class ActivityRunner:
     def _claim(self, run_id: str, activity_id: str, attempt: int) -> ClaimedAttempt | None:
         engine = self.engine
         now = engine.clock()
-        with engine.sessions() as session, pipelined(session):
-            if session.get_bind().dialect.name == "postgresql":
+        with engine.sessions() as session, pipelined(session, lean=True):
+            if bound_to(session).dialect.name == "postgresql":
                 params = {
                     "b_run_id": run_id,
                     "b_activity_id": activity_id,
@@ -637,7 +638,7 @@ class ActivityRunner:
             "b_attempt": info.attempt,
             "b_now": now,
         }
-        with engine.sessions() as session, pipelined(session):
+        with engine.sessions() as session, pipelined(session, lean=True):
             try:
                 if not queue_checks(session, [(_COMPLETE_KNOWN_RUN, complete)]):
                     return False, None

@@ -16,7 +16,14 @@ from sqlalchemy.orm import Session
 from activities.errors import InvalidPayloadError, PayloadTooLargeError
 from activities.failure import Failure
 from activities.payload import from_payload, to_payload, validate_input
-from orchestrator.db import as_utc, commit, commit_handed_over, pipelined, queue_checks
+from orchestrator.db import (
+    as_utc,
+    bound_to,
+    commit,
+    commit_handed_over,
+    pipelined,
+    queue_checks,
+)
 from orchestrator.definition import WorkflowDefinition
 from orchestrator.engine import UNREAD_START, Engine, StartResult, log_started
 from orchestrator.errors import (
@@ -509,7 +516,7 @@ _GROUP_LOCK_TIMEOUT = text("SET LOCAL lock_timeout = '2s'")
 
 
 def _postgresql(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
+    return bound_to(session).dialect.name == "postgresql"
 
 
 def _refused(exc: BaseException) -> bool:

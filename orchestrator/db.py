@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import Engine, Executable, Result, create_engine, event
+from sqlalchemy import Connection, Engine, Executable, Result, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
@@ -137,7 +137,16 @@ class CoreSession(Session):
     The state store maps no classes, so the ORM's execute path (its events,
     bind lookup and result set-up) does nothing here but costs about a quarter of
     a short statement's client time, on every statement of the hot path.
+
+    A session that :func:`pipelined` gave a bare pooled connection (``lean``)
+    runs everything SQLAlchemy executes on that same connection.
     """
+
+    def get_bind(self, *args: Any, **kwargs: Any) -> Any:
+        held: _Lean | None = self.info.get(_LEAN)
+        if held is not None and kwargs.get("bind") is None:
+            return held.connection()
+        return super().get_bind(*args, **kwargs)
 
     def execute(
         self,
@@ -161,11 +170,54 @@ class CoreSession(Session):
     def close(self) -> None:
         # Whatever a transaction's work registered to be let go of (see on_close).
         finalizers = self.info.pop(_ON_CLOSE, None)
+        held: _Lean | None = self.info.pop(_LEAN, None)
         try:
             super().close()
         finally:
-            for finalize in finalizers or ():
-                finalize(self)
+            try:
+                if held is not None:
+                    held.release()
+            finally:
+                for finalize in finalizers or ():
+                    finalize(self)
+
+
+_LEAN = "orchestrator.lean"
+
+
+class _Lean:
+    """A session's pooled connection, checked out without SQLAlchemy's ``Connection``.
+
+    A transaction whose statements all go through :func:`pipelined` (held
+    back, sent by :func:`commit` or :func:`read_together`) never needs one:
+    the session's transaction then has no connection for SQLAlchemy to begin,
+    commit and give back, which cost a short transaction of the hot path
+    about as much client time as its one round trip. Anything SQLAlchemy does
+    execute in the session adopts the connection (see ``CoreSession.get_bind``),
+    so it runs in the same transaction; the session gives it back when it
+    closes.
+    """
+
+    __slots__ = ("adopted", "engine", "pooled")
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.pooled = engine.raw_connection()
+        self.adopted: Connection | None = None
+
+    def connection(self) -> Connection:
+        if self.adopted is None:
+            self.adopted = Connection(self.engine, connection=self.pooled)
+        return self.adopted
+
+    def release(self) -> None:
+        (self.adopted or self.pooled).close()
+
+
+def bound_to(session: Session) -> Engine | Connection:
+    """The engine (or connection) ``session`` runs on, without taking a connection for it."""
+    held: _Lean | None = session.info.get(_LEAN)
+    return held.engine if held is not None else session.get_bind()
 
 
 _ON_CLOSE = "orchestrator.on_close"
@@ -245,7 +297,7 @@ _IDLE = 0  # libpq's PQTRANS_IDLE
 
 
 @contextlib.contextmanager
-def pipelined(session: Session) -> Iterator[None]:
+def pipelined(session: Session, *, lean: bool = False) -> Iterator[None]:
     """Send the transaction's writes without a round trip each (PostgreSQL).
 
     In psycopg's pipeline mode a statement whose result nothing reads (an
@@ -257,12 +309,36 @@ def pipelined(session: Session) -> Iterator[None]:
     (:mod:`orchestrator.one_write`), and psycopg's pipeline mode, entered only
     when a statement first goes to the driver, is never entered for it.
     Elsewhere (SQLite, a libpq without pipeline mode) this does nothing.
+
+    ``lean``: a session with no transaction yet takes its pooled connection
+    bare, without SQLAlchemy's connection machinery (see ``_Lean``), for a
+    transaction of the hot path; the connection stays with the session until
+    it closes.
     """
     if _PIPELINE in session.info:  # already in one: its writes and sync are the outer block's
         yield
         return
-    connection = session.connection()
-    driver = connection.connection.driver_connection
+    held: _Lean | None = session.info.get(_LEAN)
+    if (
+        held is None
+        and lean
+        and isinstance(session, CoreSession)
+        and isinstance(session.bind, Engine)
+        and session.bind in _RESETTING_ENGINES
+        and not session.in_transaction()
+        and _pipeline_supported()
+    ):
+        held = session.info[_LEAN] = _Lean(session.bind)
+    if held is not None:
+        if not session.in_transaction():
+            # A transaction of the session's own, for what its commit tells
+            # (the outbox publishes); SQLAlchemy gets no connection for it.
+            session.begin()
+        pooled = held.adopted.connection if held.adopted is not None else held.pooled
+        driver, info = pooled.driver_connection, pooled.info
+    else:
+        connection = session.connection()
+        driver, info = connection.connection.driver_connection, connection.info
     start_pipeline = getattr(driver, "pipeline", None)
     if driver is None or start_pipeline is None or not _pipeline_supported():
         yield
@@ -283,15 +359,15 @@ def pipelined(session: Session) -> Iterator[None]:
         and driver.read_only is None
         and driver.deferrable is None
         # Only an engine whose pool turns the connection back.
-        and session.get_bind() in _RESETTING_ENGINES
+        and bound_to(session) in _RESETTING_ENGINES
     )
     if begins:
         driver.autocommit = True
-    entry = _Open(driver, start_pipeline, connection.info)
+    entry = _Open(driver, start_pipeline, info)
     if begins:
         entry.began = True
         entry.send("BEGIN", None)
-    connection.info[_PIPELINE] = session.info[_PIPELINE] = entry
+    info[_PIPELINE] = session.info[_PIPELINE] = entry
     try:
         yield
     except BaseException as exc:
@@ -571,7 +647,7 @@ def read_together(
     entry: _Open | None = session.info.get(_PIPELINE)
     if entry is None:
         return None
-    dialect = session.get_bind().dialect
+    dialect = bound_to(session).dialect
     if then_commit and entry.unsent:
         # Nothing of the transaction has gone yet: all of it goes in one write.
         statements = []
@@ -620,7 +696,7 @@ def queue_checks(session: Session, checks: Sequence[tuple[Executable, Mapping[st
     entry: _Open | None = session.info.get(_PIPELINE)
     if entry is None:
         return False
-    dialect = session.get_bind().dialect
+    dialect = bound_to(session).dialect
     for statement, params in checks:
         compiled = _compiled(statement, dialect)
         entry.send(compiled.string, compiled.construct_params(dict(params)))
@@ -686,7 +762,7 @@ def write(
     if entry is None or not rows:
         session.execute(statement, params)
         return
-    dialect = session.get_bind().dialect
+    dialect = bound_to(session).dialect
     names = tuple(sorted(rows[0]))
     key = ("write", id(statement), names)
     writes = _statements(dialect)
@@ -827,7 +903,7 @@ def commit(session: Session, *, committed: Callable[[], None] | None = None) -> 
     except BaseException:
         # Outside a pipeline the COMMIT goes at once: on PostgreSQL it may have
         # committed whatever came after (SQLite commits, or not, in process).
-        if session.get_bind().dialect.name == "postgresql":
+        if bound_to(session).dialect.name == "postgresql":
             session.info[_COMMIT_HANDED_OVER] = True
         raise
     if committed is not None:
@@ -881,7 +957,7 @@ def _translated_errors(session: Session) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        bind = session.get_bind()
+        bind = bound_to(session)
         dialect = bind.dialect
         dbapi_error = dialect.loaded_dbapi.Error
         if not isinstance(exc, dbapi_error):

@@ -36,6 +36,7 @@ from orchestrator.activity_runner import (
 )
 from orchestrator.db import (
     after_commit,
+    bound_to,
     commit,
     on_close,
     once_more_on_disconnect,
@@ -397,7 +398,7 @@ class Engine:
         In an unread start (:data:`UNREAD_START`) the insert is not read back and
         this is always True; the commit tells.
         """
-        dialect = session.get_bind().dialect.name
+        dialect = bound_to(session).dialect.name
         values = {
             "run_id": run.run_id,
             "workflow_id": run.workflow_id,

@@ -202,9 +202,13 @@ def test_a_failing_pipelined_write_fails_the_commit_and_writes_nothing(
     assert notes(pooled) == [(3, "after")]
 
 
-@pytest.mark.parametrize("held_back", [False, True], ids=["sent-at-once", "in-one-write"])
+@pytest.mark.parametrize(
+    ("held_back", "lean"),
+    [(False, False), (True, False), (True, True)],
+    ids=["sent-at-once", "in-one-write", "lean"],
+)
 def test_a_connection_lost_in_a_pipeline_is_retried_like_any_other(
-    pooled: Engine, db: Engine, scratch: Any, held_back: bool
+    pooled: Engine, db: Engine, scratch: Any, held_back: bool, lean: bool
 ) -> None:
     sessions = session_factory(pooled)
     attempts: list[int] = []
@@ -212,7 +216,7 @@ def test_a_connection_lost_in_a_pipeline_is_retried_like_any_other(
     @once_more_on_disconnect
     def transaction() -> None:
         attempts.append(1)
-        with sessions() as session, pipelined(session):
+        with sessions() as session, pipelined(session, lean=lean):
             row = {"id": 10 + len(attempts), "note": "x"}
             if held_back:  # the whole transaction goes in one write, at the commit
                 write(session, INSERT, row)
@@ -1472,3 +1476,74 @@ def test_a_start_writes_its_outbox_rows_straight_to_the_driver(database_url: str
         ).all()
     # ...bound as SQLAlchemy binds them: the JSON body reads back as written.
     assert rows and all(row.body["run_id"] == handle.run_id for row in rows)
+
+
+# ------------------------------------------------ lean: the pooled connection, bare
+@pytest.fixture
+def connects(pooled: Engine) -> Any:
+    """Every SQLAlchemy ``Connection`` made on the pooled engine from now on."""
+    made: list[Any] = []
+
+    def connected(connection: Any) -> None:
+        made.append(connection)
+
+    event.listen(pooled, "engine_connect", connected)
+    yield made
+    event.remove(pooled, "engine_connect", connected)
+
+
+def test_a_lean_transaction_commits_without_a_sqlalchemy_connection(
+    pooled: Engine, docs: Any, connects: list[Any], one_writes: OneWrites
+) -> None:
+    sessions = session_factory(pooled)
+    told: list[str] = []
+    with sessions() as session, pipelined(session, lean=True):
+        write(session, INSERT_DOC, {"id": 1, "doc": {"a": 1}})
+        orchestrator_db.after_commit(session, lambda: told.append("committed"))
+        commit(session)
+        assert pooled.pool.checkedout() == 1  # the session keeps it until it closes
+    # No Connection, and so none of its begin, commit and close: the pooled
+    # connection went in one write, and what waits for the commit heard of it.
+    assert connects == []
+    assert [[sql.split()[0] for sql, _ in sent.statements] for sent in one_writes] == [
+        ["BEGIN", "INSERT"]
+    ]
+    assert told == ["committed"]
+    assert stored_docs(pooled) == [(1, '{"a": 1}', None)]
+    assert pooled.pool.checkedout() == 0
+    fit_for_the_next_user(pooled)
+
+
+def test_what_sqlalchemy_executes_in_a_lean_transaction_runs_in_it(
+    pooled: Engine, docs: Any, connects: list[Any]
+) -> None:
+    sessions = session_factory(pooled)
+    with sessions() as session, pipelined(session, lean=True):
+        write(session, INSERT_DOC, {"id": 1, "doc": {}})
+        # The session's statement goes on the bare connection, after the write
+        # held back before it: the same transaction, which sees it.
+        assert session.execute(text("SELECT count(*) FROM it_written")).scalar_one() == 1
+        assert pooled.pool.checkedout() == 1
+        session.execute(text("UPDATE it_written SET doc = '{\"b\": 2}'"))
+        commit(session)
+    assert len(connects) == 1
+    assert stored_docs(pooled) == [(1, '{"b": 2}', None)]
+    assert pooled.pool.checkedout() == 0
+    fit_for_the_next_user(pooled)
+
+
+def test_a_lean_transaction_that_fails_writes_nothing_and_gives_its_connection_back(
+    pooled: Engine, docs: Any
+) -> None:
+    sessions = session_factory(pooled)
+    with pytest.raises(IntegrityError), sessions() as session, pipelined(session, lean=True):
+        write(session, INSERT_DOC, {"id": 1, "doc": {}})
+        write(session, INSERT_DOC, {"id": 1, "doc": {}})
+        commit(session)
+    assert pooled.pool.checkedout() == 0
+    with pytest.raises(RuntimeError), sessions() as session, pipelined(session, lean=True):
+        write(session, INSERT_DOC, {"id": 2, "doc": {}})
+        raise RuntimeError("the caller's own error, before the commit")
+    assert stored_docs(pooled) == []
+    assert pooled.pool.checkedout() == 0
+    fit_for_the_next_user(pooled)
