@@ -448,7 +448,7 @@ def _start_alone(orchestrator: Orchestrator, request: _StartRequest) -> StartRes
     engine = orchestrator.engine
     if request.id_conflict_policy is not IdConflictPolicy.USE_EXISTING:
         try:
-            with engine.sessions() as own, pipelined(own):
+            with engine.sessions() as own, pipelined(own, lean=True):
                 started = request.start(engine, own, unread=True)
                 commit(own)
         except IntegrityError as exc:
@@ -489,7 +489,7 @@ def commit_starts(orchestrator: Orchestrator, members: Sequence[Member]) -> None
         committed = True
 
     try:
-        with engine.sessions() as own, pipelined(own):
+        with engine.sessions() as own, pipelined(own, lean=True):
             # A group must not wait long on a row lock: the lock's holder may be
             # a thread of this process whose own start waits in the group.
             if not queue_checks(own, [(_GROUP_LOCK_TIMEOUT, {})]) and _postgresql(own):
