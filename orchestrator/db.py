@@ -202,7 +202,19 @@ class _Lean:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.pooled = engine.raw_connection()
+        dialect = engine.dialect
+        try:
+            self.pooled = engine.raw_connection()
+        except dialect.loaded_dbapi.Error as exc:
+            # As engine.connect() raises it: SQLAlchemy's error, which callers catch.
+            raise DBAPIError.instance(
+                None,
+                None,
+                exc,
+                dialect.loaded_dbapi.Error,
+                connection_invalidated=dialect.is_disconnect(exc, None, None),
+                dialect=dialect,
+            ) from exc
         self.adopted: Connection | None = None
 
     def connection(self) -> Connection:

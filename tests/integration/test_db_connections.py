@@ -1547,3 +1547,14 @@ def test_a_lean_transaction_that_fails_writes_nothing_and_gives_its_connection_b
     assert stored_docs(pooled) == []
     assert pooled.pool.checkedout() == 0
     fit_for_the_next_user(pooled)
+
+
+def test_a_lean_transaction_that_cannot_connect_raises_as_sqlalchemy_does() -> None:
+    unreachable = create_db_engine("postgresql+psycopg://postgres@127.0.0.1:1/none")
+    try:
+        sessions = session_factory(unreachable)
+        for lean in (False, True):
+            with pytest.raises(DBAPIError), sessions() as session, pipelined(session, lean=lean):
+                commit(session)
+    finally:
+        unreachable.dispose()
