@@ -144,7 +144,7 @@ class CoreSession(Session):
 
     def get_bind(self, *args: Any, **kwargs: Any) -> Any:
         held: _Lean | None = self.info.get(_LEAN)
-        if held is not None and kwargs.get("bind") is None:
+        if held is not None and kwargs.get("bind") in (None, held.engine):
             return held.connection()
         return super().get_bind(*args, **kwargs)
 
@@ -170,11 +170,12 @@ class CoreSession(Session):
     def close(self) -> None:
         # Whatever a transaction's work registered to be let go of (see on_close).
         finalizers = self.info.pop(_ON_CLOSE, None)
-        held: _Lean | None = self.info.pop(_LEAN, None)
         try:
             super().close()
         finally:
             try:
+                # Given back when its transaction ended; this is the backstop.
+                held: _Lean | None = self.info.pop(_LEAN, None)
                 if held is not None:
                     held.release()
             finally:
@@ -194,8 +195,9 @@ class _Lean:
     commit and give back, which cost a short transaction of the hot path
     about as much client time as its one round trip. Anything SQLAlchemy does
     execute in the session adopts the connection (see ``CoreSession.get_bind``),
-    so it runs in the same transaction; the session gives it back when it
-    closes.
+    so it runs in the same transaction. The connection goes back to the pool
+    when the session's transaction ends, however it ends, as a session's own
+    connection does (see ``_drop_after_commit``).
     """
 
     __slots__ = ("adopted", "engine", "pooled")
@@ -206,7 +208,8 @@ class _Lean:
         try:
             self.pooled = engine.raw_connection()
         except dialect.loaded_dbapi.Error as exc:
-            # As engine.connect() raises it: SQLAlchemy's error, which callers catch.
+            # As engine.connect() raises it: SQLAlchemy's error, which callers
+            # catch (without the engine's handle_error hooks, which we set none of).
             raise DBAPIError.instance(
                 None,
                 None,
@@ -282,6 +285,12 @@ def _commit_pipeline_first(session: Session) -> None:
 def _drop_after_commit(session: Session, transaction: Any) -> None:
     if transaction.parent is None:
         session.info.pop(_AFTER_COMMIT, None)
+        # A lean connection goes back with its transaction (its adopted
+        # Connection's transaction has just been closed): the pool's checkin
+        # drops a pipeline still on it, and what it held back.
+        held: _Lean | None = session.info.pop(_LEAN, None)
+        if held is not None:
+            held.release()
         # A pipeline whose connection went back to the pool (a rollback or a
         # close inside pipelined()): the session's next transaction has none.
         entry: _Open | None = session.info.get(_PIPELINE)
@@ -324,30 +333,23 @@ def pipelined(session: Session, *, lean: bool = False) -> Iterator[None]:
 
     ``lean``: a session with no transaction yet takes its pooled connection
     bare, without SQLAlchemy's connection machinery (see ``_Lean``), for a
-    transaction of the hot path; the connection stays with the session until
-    it closes.
+    transaction of the hot path; the connection goes back to the pool when
+    that transaction ends.
     """
     if _PIPELINE in session.info:  # already in one: its writes and sync are the outer block's
         yield
         return
     held: _Lean | None = session.info.get(_LEAN)
-    if (
-        held is None
-        and lean
-        and isinstance(session, CoreSession)
-        and isinstance(session.bind, Engine)
-        and session.bind in _RESETTING_ENGINES
-        and not session.in_transaction()
-        and _pipeline_supported()
-    ):
-        held = session.info[_LEAN] = _Lean(session.bind)
-    if held is not None:
-        if not session.in_transaction():
-            # A transaction of the session's own, for what its commit tells
-            # (the outbox publishes); SQLAlchemy gets no connection for it.
+    if held is None and lean:
+        engine = _lean_engine(session)
+        if engine is not None:
+            held = session.info[_LEAN] = _Lean(engine)
+            # The session's transaction, for what its commit tells (the
+            # outbox publishes) and for giving the connection back when it
+            # ends; SQLAlchemy gets no connection for it.
             session.begin()
-        pooled = held.adopted.connection if held.adopted is not None else held.pooled
-        driver, info = pooled.driver_connection, pooled.info
+    if held is not None:
+        driver, info = held.pooled.driver_connection, held.pooled.info
     else:
         connection = session.connection()
         driver, info = connection.connection.driver_connection, connection.info
@@ -402,6 +404,29 @@ def pipelined(session: Session, *, lean: bool = False) -> Iterator[None]:
                     entry.leave(exc)
                     raise
                 entry.leave()
+
+
+def _lean_engine(session: Session) -> Engine | None:
+    """The engine a session may take a bare connection of (see ``_Lean``); None if it may not."""
+    engine = session.bind
+    if (
+        # Only a CoreSession runs what SQLAlchemy executes on the bare connection.
+        not isinstance(session, CoreSession)
+        # Nothing of the session's own yet: its transaction will be the lean one.
+        or session.in_transaction()
+        or not isinstance(engine, Engine)
+        # Only an engine whose pool resets what pipelined() does to a connection,
+        # for a connection given back with its pipeline or in autocommit.
+        or engine not in _RESETTING_ENGINES
+        # Execution options (an isolation level, read only) are set up when a
+        # Connection is made, which a bare connection skips.
+        or engine.get_execution_options()
+        or getattr(session, "execution_options", None)
+        # Without a pipeline every statement would adopt a Connection anyway.
+        or not _pipeline_supported()
+    ):
+        return None
+    return engine
 
 
 class _Open:

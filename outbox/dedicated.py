@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Engine
 
 _log = logging.getLogger("outbox")
+
+#: Set up a connection whose transactions do not wait for the disk.
+ASYNC_COMMIT = ("SET synchronous_commit TO off",)
 
 
 def dedicated_connection(engine: Engine, setup: Sequence[Any] = ()) -> Any:
@@ -40,13 +45,14 @@ def dedicated_connection(engine: Engine, setup: Sequence[Any] = ()) -> Any:
 
 
 class OwnConnection:
-    """A thread's :func:`dedicated_connection`, made on first use and again after a failure.
+    """A :func:`dedicated_connection` for background threads, made when first needed.
 
-    Each statement runs on its own, autocommitting (one round trip). A
-    statement that fails closes the connection, and the next one opens
-    another. After a fork the child leaves its parent's connection alone
-    (closing it would end the parent's session too) and opens its own. Threads
-    take turns.
+    Each statement runs on its own, autocommitting (one round trip); threads
+    take turns. One that fails closes the connection, and the next opens
+    another; one that finds a connection the database dropped since its last
+    use (a restart) runs once more on a new one. After a fork the child
+    leaves its parent's connection alone (closing it would end the parent's
+    session too) and opens its own.
     """
 
     def __init__(self, engine: Engine, setup: Sequence[Any] = ()) -> None:
@@ -56,33 +62,50 @@ class OwnConnection:
         self._lock = threading.Lock()
         # Connections a forked child inherited: kept, unused, so that nothing closes them.
         self._inherited: list[Any] = []
+        # Through a weak reference: the hook must not keep this (and its engine) alive.
+        this = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget(this))
 
     def execute(self, statement: str, params: Any = None) -> None:
-        """Run ``statement``; on any error the connection is closed and the error raised."""
+        """Run ``statement``; on an error the connection is closed and the error raised."""
         with self._lock:
-            try:
-                if self._conn is None:
-                    self._conn = dedicated_connection(self._engine, self._setup)
-                cursor = self._conn.cursor()
+            if self._conn is not None:
                 try:
-                    cursor.execute(statement, params)
-                finally:
-                    cursor.close()
-            except Exception:
+                    self._run(statement, params)
+                    return
+                except Exception:
+                    dropped = bool(getattr(self._conn, "broken", False))
+                    self._close()
+                    if not dropped:
+                        raise
+                except BaseException:
+                    # An interrupt may leave it half used: the next statement opens another.
+                    self._close()
+                    raise
+            self._conn = dedicated_connection(self._engine, self._setup)
+            try:
+                self._run(statement, params)
+            except BaseException:
                 self._close()
                 raise
 
-    def forget(self) -> None:
-        """In a forked child: the parent's connection is not this process's to use or close."""
+    def _run(self, statement: str, params: Any) -> None:
+        cursor = self._conn.cursor()
+        try:
+            cursor.execute(statement, params)
+        finally:
+            cursor.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _forget(self) -> None:
         # The parent's lock may be held by a thread that does not exist here.
         self._lock = threading.Lock()
         if self._conn is not None:
             self._inherited.append(self._conn)
             self._conn = None
-
-    def close(self) -> None:
-        with self._lock:
-            self._close()
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
@@ -91,3 +114,9 @@ class OwnConnection:
                 conn.close()
             except Exception:  # pragma: no cover - closing a broken connection
                 _log.debug("closing a dedicated connection failed", exc_info=True)
+
+
+def _forget(ref: weakref.ref[OwnConnection]) -> None:
+    connection = ref()
+    if connection is not None:
+        connection._forget()

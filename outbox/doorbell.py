@@ -11,7 +11,7 @@ import weakref
 
 from sqlalchemy import Engine
 
-from outbox.dedicated import OwnConnection
+from outbox.dedicated import ASYNC_COMMIT, OwnConnection
 from outbox.schema import NOTIFY_CHANNEL
 
 _log = logging.getLogger("outbox")
@@ -43,14 +43,15 @@ class Doorbell:
     send goes out once.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, connection: OwnConnection | None = None) -> None:
         self._wake = threading.Condition()
         self._rung: dict[tuple[str, str], None] = {}
         self._sending = False
         self._pid = 0
         # Each notification is a transaction of its own that need not wait for
-        # the disk: a lost one only leaves rows to the poll.
-        self._conn = OwnConnection(engine, ["SET synchronous_commit TO off"])
+        # the disk: a lost one only leaves rows to the poll. The connection
+        # may be shared with others of the same kind (see OutboxWriter).
+        self._conn = connection or OwnConnection(engine, ASYNC_COMMIT)
         self._closed = False
         # Through a weak reference: the hook must not keep this (and its engine) alive.
         this = weakref.ref(self)
@@ -65,7 +66,6 @@ class Doorbell:
         self._rung = {}
         self._sending = False
         self._pid = 0
-        self._conn.forget()
 
     def ring(self, channel: str = NOTIFY_CHANNEL, payload: str = "") -> None:
         """Ask for a notification after the caller's commit; returns at once."""

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, event, insert, text, update
 from sqlalchemy.orm import Session, SessionTransaction
 
 from outbox.crashpoints import crash_point
-from outbox.dedicated import OwnConnection
+from outbox.dedicated import ASYNC_COMMIT, OwnConnection
 from outbox.doorbell import Doorbell
 from outbox.errors import PublishError
 from outbox.message import OutboxMessage
@@ -77,12 +77,8 @@ class _Marker:
     _FLUSH_EVERY = 0.02
     _BATCH = 500
 
-    def __init__(
-        self, mark: Callable[[Sequence[str]], None], connection: OwnConnection | None = None
-    ) -> None:
+    def __init__(self, mark: Callable[[Sequence[str]], None]) -> None:
         self._mark = mark
-        # Where ``mark`` runs, if on a connection of the marker's own.
-        self._connection = connection
         self._ids: list[str] = []
         self._wake = threading.Condition()
         self._pid = 0
@@ -95,8 +91,6 @@ class _Marker:
         self._wake = threading.Condition()
         self._ids = []
         self._pid = 0
-        if self._connection is not None:
-            self._connection.forget()
 
     def add(self, ids: Sequence[str]) -> None:
         with self._wake:
@@ -117,12 +111,6 @@ class _Marker:
                     self._mark(chunk)
             except Exception:
                 _log.exception("marking %d published outbox message(s) failed", len(ids))
-
-    def close(self) -> None:
-        """Mark what is left, and let the marker's own connection go."""
-        self.flush()
-        if self._connection is not None:
-            self._connection.close()
 
     def _run(self) -> None:
         while True:
@@ -177,15 +165,18 @@ class OutboxWriter:
         self.relay_only_kinds = frozenset(relay_only_kinds)
         self._insert = insert
         self._postgres = engine.dialect.name == "postgresql"
+        # The doorbell's and the batched marks' connection (PostgreSQL): both
+        # send short statements that need not wait for the disk (a lost ring
+        # only leaves rows to the poll, a lost mark only sends them again).
+        self._own = OwnConnection(engine, ASYNC_COMMIT) if self._postgres else None
         self._marker: _Marker | None = None
-        if batch_marks and self._postgres:
-            # One statement a batch, one round trip, on a connection of its own
-            # that does not wait for the disk (a lost mark only sends again).
-            own = OwnConnection(engine, ["SET synchronous_commit TO off"])
-            self._marker = _Marker(lambda ids: _mark_all(own, ids), own)
+        if batch_marks and self._own is not None:
+            # One statement a batch: one round trip, not a pooled transaction's four.
+            own = self._own
+            self._marker = _Marker(lambda ids: _mark_all(own, ids))
         elif batch_marks:
             self._marker = _Marker(self._mark_published)
-        self.doorbell = Doorbell(engine) if self._postgres else None
+        self.doorbell = Doorbell(engine, self._own) if self._own is not None else None
 
     def add(self, session: Session, messages: Iterable[OutboxMessage]) -> None:
         """Insert ``messages`` in ``session``'s current transaction.
@@ -229,9 +220,11 @@ class OutboxWriter:
     def close(self) -> None:
         """Mark what was published and send the pending wake-ups (a clean shutdown)."""
         if self._marker is not None:
-            self._marker.close()
+            self._marker.flush()
         if self.doorbell is not None:
             self.doorbell.close()
+        if self._own is not None:
+            self._own.close()
 
     def _publishes(self, message: OutboxMessage) -> bool:
         """Whether this writer publishes ``message`` after commit (else only the relay does)."""

@@ -204,8 +204,8 @@ def test_a_failing_pipelined_write_fails_the_commit_and_writes_nothing(
 
 @pytest.mark.parametrize(
     ("held_back", "lean"),
-    [(False, False), (True, False), (True, True)],
-    ids=["sent-at-once", "in-one-write", "lean"],
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["sent-at-once", "in-one-write", "lean-sent-at-once", "lean-in-one-write"],
 )
 def test_a_connection_lost_in_a_pipeline_is_retried_like_any_other(
     pooled: Engine, db: Engine, scratch: Any, held_back: bool, lean: bool
@@ -217,6 +217,7 @@ def test_a_connection_lost_in_a_pipeline_is_retried_like_any_other(
     def transaction() -> None:
         attempts.append(1)
         with sessions() as session, pipelined(session, lean=lean):
+            assert (orchestrator_db._LEAN in session.info) is lean
             row = {"id": 10 + len(attempts), "note": "x"}
             if held_back:  # the whole transaction goes in one write, at the commit
                 write(session, INSERT, row)
@@ -1500,8 +1501,10 @@ def test_a_lean_transaction_commits_without_a_sqlalchemy_connection(
     with sessions() as session, pipelined(session, lean=True):
         write(session, INSERT_DOC, {"id": 1, "doc": {"a": 1}})
         orchestrator_db.after_commit(session, lambda: told.append("committed"))
+        assert pooled.pool.checkedout() == 1
         commit(session)
-        assert pooled.pool.checkedout() == 1  # the session keeps it until it closes
+        # Back in the pool with its transaction, the session still open.
+        assert pooled.pool.checkedout() == 0
     # No Connection, and so none of its begin, commit and close: the pooled
     # connection went in one write, and what waits for the commit heard of it.
     assert connects == []
@@ -1553,8 +1556,37 @@ def test_a_lean_transaction_that_cannot_connect_raises_as_sqlalchemy_does() -> N
     unreachable = create_db_engine("postgresql+psycopg://postgres@127.0.0.1:1/none")
     try:
         sessions = session_factory(unreachable)
+        raised = []
         for lean in (False, True):
-            with pytest.raises(DBAPIError), sessions() as session, pipelined(session, lean=lean):
+            with (
+                pytest.raises(DBAPIError) as caught,
+                sessions() as session,
+                pipelined(session, lean=lean),
+            ):
                 commit(session)
+            raised.append((type(caught.value), type(caught.value.orig)))
+        assert raised[0] == raised[1]
     finally:
         unreachable.dispose()
+
+
+def test_a_lean_transaction_rolled_back_or_closed_early_leaves_nothing_behind(
+    pooled: Engine, docs: Any
+) -> None:
+    sessions = session_factory(pooled)
+    with sessions() as session, pipelined(session, lean=True):
+        write(session, INSERT_DOC, {"id": 1, "doc": {}})  # held back
+        session.rollback()
+        # The connection went back with the transaction, its writes dropped;
+        # what follows is a transaction of its own, on a connection of its own.
+        assert pooled.pool.checkedout() == 0
+        assert orchestrator_db._PIPELINE not in session.info
+        session.execute(INSERT_DOC, {"id": 2, "doc": {}})
+        session.commit()
+    with sessions() as session, pipelined(session, lean=True):
+        write(session, INSERT_DOC, {"id": 3, "doc": {}})
+        session.execute(text("SELECT 1"))  # sent: the transaction has begun on the server
+        session.close()
+        assert pooled.pool.checkedout() == 0
+    assert stored_docs(pooled) == [(2, "{}", None)]
+    fit_for_the_next_user(pooled)
