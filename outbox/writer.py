@@ -41,7 +41,7 @@ def _execute(session: Session, statement: Any, rows: list[dict[str, Any]]) -> No
 
 
 _ASYNC_COMMIT = text("SET LOCAL synchronous_commit TO OFF")
-# The batched marks on PostgreSQL: one statement, on the marker's own connection.
+# The batched marks on PostgreSQL: one statement, on the writer's own connection.
 _MARK_ALL = (
     f"UPDATE {outbox_messages.name} SET published_at = %s, "
     "publish_attempts = publish_attempts + 1 WHERE id = ANY(%s)"
