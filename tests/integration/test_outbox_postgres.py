@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import harness
 import psycopg
 import pytest
 from psycopg import sql
@@ -150,13 +151,8 @@ def test_commit_publishes_once_and_marks_published(engine: Engine) -> None:
     assert relay.backlog() == (0, None)
 
 
-def wait_marked(engine: Engine, messages: Sequence[OutboxMessage], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(published_at(engine, message.id) is not None for message in messages):
-            return True
-        time.sleep(0.02)
-    return False
+def marked(engine: Engine, messages: Sequence[OutboxMessage]) -> bool:
+    return all(published_at(engine, message.id) is not None for message in messages)
 
 
 def test_batched_marks_go_in_one_statement_on_a_connection_of_their_own(
@@ -178,7 +174,7 @@ def test_batched_marks_go_in_one_statement_on_a_connection_of_their_own(
         with Session(writer_engine) as session:
             writer.add(session, first)
             session.commit()
-        assert wait_marked(engine, first)
+        harness.wait_until(lambda: marked(engine, first), 10, "the first batch's marks")
         # All three in one statement, on an autocommitting connection (not a
         # pooled one in a transaction): a round trip, not four.
         assert len(marks) == 1
@@ -199,7 +195,7 @@ def test_batched_marks_go_in_one_statement_on_a_connection_of_their_own(
         with Session(writer_engine) as session:
             writer.add(session, [after])
             session.commit()
-        assert wait_marked(engine, [after])
+        harness.wait_until(lambda: marked(engine, [after]), 10, "the marks after the restart")
         assert len(marks) == 3  # the first batch, the one the lost connection failed, its rerun
     finally:
         writer.close()
