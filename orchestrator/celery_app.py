@@ -2,10 +2,10 @@
 
 Settings follow what durable work on RabbitMQ needs: a message is acked only after
 its task ran (acks_late), requeued if the worker dies (reject on worker lost), one
-prefetched at a time, and every publish waits for the broker's confirm. Tasks are
-named after what they run, so Flower shows an activity by its name. Messages a
-worker cannot decode or accept are rejected into a dead-letter queue instead of
-being dropped.
+prefetched for each pool process plus ``worker_spare_messages``, and every publish
+waits for the broker's confirm. Tasks are named after what they run, so Flower
+shows an activity by its name. Messages a worker cannot decode or accept are
+rejected into a dead-letter queue instead of being dropped.
 """
 
 from __future__ import annotations
@@ -33,8 +33,46 @@ log = logging.getLogger("orchestrator.celery")
 DEAD_LETTER_QUEUE = "orchestrator.dead-letter"
 
 
-class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
-    """A worker consumer that dead-letters undecodable messages instead of acking them."""
+# Where the app's configuration carries ``Settings.worker_spare_messages`` to its consumer.
+SPARE_MESSAGES_KEY = "orchestrator_spare_messages"
+
+
+class WorkerConsumer(Consumer):  # type: ignore[misc]
+    """A worker's consumer: it dead-letters what it cannot decode, and holds spare messages.
+
+    Undecodable messages are rejected into the dead-letter queue instead of acked.
+
+    Spare messages: with late acks and one message per pool process, a process
+    that finishes a task waits while its ack reaches the broker, the broker's
+    next delivery comes back and this consumer hands it over. The broker may
+    deliver ``worker_spare_messages`` more, so that the next task is already
+    here and only the hand-over is left. A spare waits for a pool process of
+    this worker to be free.
+    """
+
+    initial_prefetch_count: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.initial_prefetch_count:  # 0 is no limit at all
+            self.initial_prefetch_count += self._spare
+
+    @property
+    def _spare(self) -> int:
+        return int(self.app.conf.get(SPARE_MESSAGES_KEY) or 0)
+
+    @property
+    def max_prefetch_count(self) -> int:
+        # Celery's own count (pool processes times the multiplier), which it
+        # restores after a reconnect.
+        return int(super().max_prefetch_count) + self._spare
+
+    def _update_prefetch_count(self, index: int = 0) -> Any:
+        # The pool grew or shrank (autoscale): Celery recounts without the spares.
+        updated = super()._update_prefetch_count(index)
+        if self.initial_prefetch_count and self.pool.num_processes:
+            self.initial_prefetch_count = self.max_prefetch_count
+        return updated
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         log.error("undecodable message sent to the dead-letter queue: %s", exc)
@@ -81,6 +119,7 @@ def create_celery(orchestrator: Orchestrator) -> Celery:
         task_acks_on_failure_or_timeout=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        **{SPARE_MESSAGES_KEY: settings.worker_spare_messages},
         broker_connection_retry_on_startup=True,
         # Off, a worker sends task events once a monitor asks (see task_events).
         worker_send_task_events=settings.task_events,
@@ -93,7 +132,7 @@ def create_celery(orchestrator: Orchestrator) -> Celery:
         task_queues=[_queue(name, dlx) for name in queue_names(orchestrator)],
         task_default_queue=settings.workflow_queue,
         task_create_missing_queues=False,
-        worker_consumer="orchestrator.celery_app:DeadLetteringConsumer",
+        worker_consumer="orchestrator.celery_app:WorkerConsumer",
         worker_hijack_root_logger=False,
         event_queue_exclusive=True,
         control_queue_exclusive=True,

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
         description="Activities a worker runs in a row, without the broker, when it decides "
         "them on a queue it serves; 0 sends every activity through the broker.",
     )
+    worker_spare_messages: int = Field(
+        default=1,
+        ge=0,
+        description="Messages a worker holds beyond one per pool process, so that a process "
+        "that finishes a task finds the next at hand; 0 leaves a message to another worker "
+        "while all of this one's processes are busy (for long activities).",
+    )
     task_events: bool = Field(
         default=False,
         description="Workers send Celery task events from the start; off, only after a "
