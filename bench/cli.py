@@ -28,6 +28,7 @@ from bench.report import (
     comparison_table,
     cpu_table,
     median_ratios,
+    paired_lines,
     ratio_lines,
     ratios,
     round_lines,
@@ -126,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         "judge the targets by the median of each ratio (default 1)",
     )
     parser.add_argument(
+        "--paired",
+        type=_not_negative,
+        default=0,
+        metavar="K",
+        help="also deploy the systems side by side and alternate K sets of throughput "
+        "blocks between them, one block of each a set (default 0: not)",
+    )
+    parser.add_argument(
         "--wait-quiet",
         type=float,
         default=0.0,
@@ -139,6 +148,13 @@ def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _not_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
     return number
 
 
@@ -175,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signalled=args.signalled,
         profile_dir=args.profile.resolve() if args.profile else None,
         rounds=args.rounds,
+        paired=args.paired,
     )
     if options.profile_dir is not None:
         options.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -213,19 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         document["calibration"] = {
             "postgres_commits_per_second": round(ctx.postgres.commit_rate(), 1)
         }
-        rounds = _compare(ctx, options.rounds)
-        failed |= any("error" in r for entry in rounds for r in entry["results"].values())
-        document["results"] = rounds[-1]["results"]
-        document["ratios"] = median_ratios([entry["ratios"] for entry in rounds])
-        if len(rounds) > 1:
-            document["rounds"] = rounds
-        if options.scale:
-            from bench import scale
-
-            document["scale"] = scale.run(ctx)
-            failed |= any(
-                isinstance(value, dict) and "error" in value for value in document["scale"].values()
-            )
+        failed = _measure_all(ctx, document)
     except KeyboardInterrupt:
         say("interrupted; cleaning up")
         return 130
@@ -269,6 +274,35 @@ def _compare(ctx: Context, count: int) -> list[dict[str, Any]]:
     return rounds
 
 
+def _measure_all(ctx: Context, document: dict[str, Any]) -> bool:
+    """Every measurement the options ask for, into ``document``; whether any failed."""
+    options = ctx.options
+    rounds = _compare(ctx, options.rounds)
+    failed = any("error" in r for entry in rounds for r in entry["results"].values())
+    document["results"] = rounds[-1]["results"]
+    document["ratios"] = median_ratios([entry["ratios"] for entry in rounds])
+    if len(rounds) > 1:
+        document["rounds"] = rounds
+    if options.paired:
+        document["paired"] = _side_by_side(ctx, options.paired)
+        failed |= "error" in document["paired"]
+    if options.scale:
+        from bench import scale
+
+        document["scale"] = scale.run(ctx)
+        failed |= any(
+            isinstance(value, dict) and "error" in value for value in document["scale"].values()
+        )
+    return failed
+
+
+def _side_by_side(ctx: Context, sets: int) -> dict[str, Any]:
+    from bench import paired
+
+    say(f"--- the systems side by side, {sets} sets of blocks")
+    return _guarded("side by side", lambda: paired.run(ctx, sets))
+
+
 def _wait_quiet(seconds: float) -> list[str]:
     """Other busy processes now, after waiting up to ``seconds`` for a quiet machine.
 
@@ -295,18 +329,25 @@ def _measure(name: str, ctx: Context) -> dict[str, Any]:
         from bench.dbos_bench import run as runner
     say(f"--- {name}")
     began = time.monotonic()
-    try:
-        result = runner(ctx)
-    except BenchError as exc:
-        say(f"{name} not measured: {exc}")
-        return {"system": name, "label": name, "error": str(exc)}
-    except Exception as exc:
-        say(f"{name} not measured:\n{traceback.format_exc()}")
-        return {"system": name, "label": name, "error": f"{type(exc).__name__}: {exc}"}
-    finally:
-        stop_everything()
+    result = _guarded(name, lambda: runner(ctx))
+    if "error" in result:
+        return {"system": name, "label": name, **result}
     result["wall_seconds"] = round(time.monotonic() - began, 1)
     return result
+
+
+def _guarded(what: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """What ``measure`` returns, or ``{"error": why}``; every subprocess is stopped after it."""
+    try:
+        return measure()
+    except BenchError as exc:
+        say(f"{what} not measured: {exc}")
+        return {"error": str(exc)}
+    except Exception as exc:
+        say(f"{what} not measured:\n{traceback.format_exc()}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        stop_everything()
 
 
 def _print(document: dict[str, Any]) -> None:
@@ -348,6 +389,13 @@ def _print(document: dict[str, Any]) -> None:
 
         out.write("\nprofile of our worker during the throughput phase\n")
         out.write(format_profile(profile) + "\n")
+    side_by_side = document.get("paired")
+    if side_by_side:
+        out.write("\nside by side: the systems deployed together, their blocks alternating\n")
+        if "error" in side_by_side:
+            out.write(f"not measured: {side_by_side['error']}\n")
+        else:
+            out.write(paired_lines(side_by_side) + "\n")
     if "scale" in document:
         out.write("\nscale (ours only)\n")
         out.write(scale_table(document["scale"]) + "\n")

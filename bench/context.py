@@ -32,6 +32,7 @@ class Options:
     signalled: int = 3_000
     profile_dir: Path | None = None
     rounds: int = 1
+    paired: int = 0
 
 
 @dataclass

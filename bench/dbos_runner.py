@@ -3,8 +3,10 @@
 ``python -m bench.dbos_runner --database-url URL --n N --sequential S`` launches
 DBOS on its own PostgreSQL database, runs a workflow of three no-op steps N times
 at once and then S times one after the other, and writes one JSON document to
-``--output`` (progress goes to stderr). The workflows run in this process, which is
-how DBOS runs them: the starting code and the executing code share it.
+``--output`` (progress goes to stderr). With ``--serve`` it runs throughput
+blocks as they are asked for on stdin instead (see :func:`serve`). The
+workflows run in this process, which is how DBOS runs them: the starting code
+and the executing code share it.
 """
 
 from __future__ import annotations
@@ -66,9 +68,7 @@ def _server_latencies(database_url: str, workflow_ids: list[str]) -> list[float]
     return [float(delta) for _, delta in rows]
 
 
-def run(
-    database_url: str, n: int, sequential: int, *, warmup: int, threads: int, timeout: float
-) -> dict[str, Any]:
+def launch(database_url: str, warmup: int) -> None:
     config: DBOSConfig = {
         "name": "bench-dbos",
         "system_database_url": database_url,
@@ -76,83 +76,110 @@ def run(
     }
     DBOS(config=config)
     DBOS.launch()
-    try:
-        for _ in range(warmup):
-            DBOS.start_workflow(three_steps).get_result()
+    for _ in range(warmup):
+        DBOS.start_workflow(three_steps).get_result()
 
-        groups = cpu_groups(
-            workers={"dbos process (workflows and client)": os.getpid()},
-            database=make_url(database_url).database,
-            broker_url=None,
-            client=False,
-        )
-        progress = Progress("dbos throughput", n)
-        with CpuMeter(groups) as meter:
-            began = time.perf_counter()
-            with ThreadPoolExecutor(threads, thread_name_prefix="bench-start") as pool:
-                handles = list(pool.map(lambda _: DBOS.start_workflow(three_steps), range(n)))
-            submitted = time.perf_counter() - began
-            deadline = time.monotonic() + timeout
-            done = 0
-            for handle in handles:
-                if time.monotonic() > deadline:
-                    break
-                handle.get_result()
-                done += 1
-                progress.update(done)
-            elapsed = time.perf_counter() - began
-        progress.finish(done)
 
-        progress = Progress("dbos sequential", sequential)
-        client_ms: list[float] = []
-        ids: list[str] = []
-        for index in range(sequential):
-            start = time.perf_counter()
-            handle = DBOS.start_workflow(three_steps)
+def throughput(database_url: str, n: int, *, threads: int, timeout: float) -> dict[str, Any]:
+    """``n`` workflows started at once from ``threads`` threads, until every one has ended."""
+    groups = cpu_groups(
+        workers={"dbos process (workflows and client)": os.getpid()},
+        database=make_url(database_url).database,
+        broker_url=None,
+        client=False,
+    )
+    progress = Progress("dbos throughput", n)
+    with CpuMeter(groups) as meter:
+        began = time.perf_counter()
+        with ThreadPoolExecutor(threads, thread_name_prefix="bench-start") as pool:
+            handles = list(pool.map(lambda _: DBOS.start_workflow(three_steps), range(n)))
+        submitted = time.perf_counter() - began
+        deadline = time.monotonic() + timeout
+        done = 0
+        for handle in handles:
+            if time.monotonic() > deadline:
+                break
             handle.get_result()
-            client_ms.append((time.perf_counter() - start) * 1000)
-            ids.append(handle.get_workflow_id())
-            progress.update(index + 1)
-        progress.finish(sequential)
-        return {
-            "throughput": {
-                "n": n,
-                "completed": done,
-                "seconds": elapsed,
-                "submit_seconds": submitted,
-                "per_second": done / elapsed if elapsed > 0 else None,
-                "timed_out": done < n,
-                "client_threads": threads,
-                **cost_per_run(meter, max(1, done)),
-            },
-            "sequential": {
-                "count": sequential,
-                "client_ms": summarize_ms(client_ms),
-                "server_ms": summarize_ms(_server_latencies(database_url, ids)),
-            },
-        }
-    finally:
-        DBOS.destroy()
+            done += 1
+            progress.update(done)
+        elapsed = time.perf_counter() - began
+    progress.finish(done)
+    return {
+        "n": n,
+        "completed": done,
+        "seconds": elapsed,
+        "submit_seconds": submitted,
+        "per_second": done / elapsed if elapsed > 0 else None,
+        "timed_out": done < n,
+        "client_threads": threads,
+        **cost_per_run(meter, max(1, done)),
+    }
+
+
+def sequential_latencies(database_url: str, count: int) -> dict[str, Any]:
+    progress = Progress("dbos sequential", count)
+    client_ms: list[float] = []
+    ids: list[str] = []
+    for index in range(count):
+        start = time.perf_counter()
+        handle = DBOS.start_workflow(three_steps)
+        handle.get_result()
+        client_ms.append((time.perf_counter() - start) * 1000)
+        ids.append(handle.get_workflow_id())
+        progress.update(index + 1)
+    progress.finish(count)
+    return {
+        "count": count,
+        "client_ms": summarize_ms(client_ms),
+        "server_ms": summarize_ms(_server_latencies(database_url, ids)),
+    }
+
+
+def serve(database_url: str, *, threads: int, timeout: float) -> None:
+    """Throughput blocks on request: a line ``N PATH`` on stdin, the result to PATH.
+
+    For the side-by-side measurement, which alternates blocks between the
+    systems; the result appears at PATH whole (written aside, then renamed).
+    """
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        count, path = line.split(maxsplit=1)
+        target = Path(path.strip())
+        result = throughput(database_url, int(count), threads=threads, timeout=timeout)
+        aside = target.with_suffix(".tmp")
+        aside.write_text(json.dumps(result))
+        aside.rename(target)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database-url", required=True)
-    parser.add_argument("--n", type=int, required=True)
-    parser.add_argument("--sequential", type=int, required=True)
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--sequential", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=300.0)
-    parser.add_argument("--output", type=Path, required=True)
-    args = parser.parse_args()
-    result = run(
-        args.database_url,
-        args.n,
-        args.sequential,
-        warmup=args.warmup,
-        threads=args.threads,
-        timeout=args.timeout,
+    parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--serve", action="store_true", help="run throughput blocks asked for on stdin"
     )
+    args = parser.parse_args()
+    if not args.serve and args.output is None:
+        parser.error("--output is required unless --serve")
+    try:
+        launch(args.database_url, args.warmup)
+        if args.serve:
+            serve(args.database_url, threads=args.threads, timeout=args.timeout)
+            return 0
+        result = {
+            "throughput": throughput(
+                args.database_url, args.n, threads=args.threads, timeout=args.timeout
+            ),
+            "sequential": sequential_latencies(args.database_url, args.sequential),
+        }
+    finally:
+        DBOS.destroy()
     args.output.write_text(json.dumps(result))
     return 0
 

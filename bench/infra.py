@@ -161,7 +161,15 @@ _RUNNING: list[Proc] = []
 class Proc:
     """A subprocess in a process group of its own, logging to a file."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_dir: Path,
+        env: dict[str, str],
+        *,
+        stdin_pipe: bool = False,
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log: IO[bytes] = self.log_path.open("wb")
@@ -175,7 +183,7 @@ class Proc:
             list(argv),
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
             env=full_env,
             cwd=ROOT,
             start_new_session=True,
@@ -212,6 +220,9 @@ class Proc:
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM (a Celery worker then finishes its tasks), SIGKILL the group after ``grace``."""
+        if self.popen.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.popen.stdin.close()
         if self.alive:
             with contextlib.suppress(ProcessLookupError):
                 self.popen.send_signal(signal.SIGTERM)

@@ -282,7 +282,8 @@ def deployed(ctx: Context, purpose: str, **kwargs: Any) -> Iterator[Deployment]:
 
 
 # ------------------------------------------------------------------------ measuring
-def measure_throughput(dep: Deployment, n: int) -> dict[str, Any]:
+def measure_throughput(dep: Deployment, n: int, prefix: str = "tp-") -> dict[str, Any]:
+    """``n`` runs started at once (named ``prefix`` and a number) until every one has closed."""
     ctx = dep.ctx
     options = ctx.options
     workers = {"worker": dep.procs["worker"].pid}
@@ -293,12 +294,12 @@ def measure_throughput(dep: Deployment, n: int) -> dict[str, Any]:
     with CpuMeter(groups) as meter:
         began_wall = datetime.now(UTC)
         began = time.monotonic()
-        join = dep.start_many("tp-", n, options.client_threads)
+        join = dep.start_many(prefix, n, options.client_threads)
         try:
-            ended = dep.wait_closed("tp-", n, options.timeout, "ours throughput")
+            ended = dep.wait_closed(prefix, n, options.timeout, "ours throughput")
         finally:
             submitted = join() - began
-    times = dep.run_times("tp-")
+    times = dep.run_times(prefix)
     last_closed = max(closed for _, closed in times)
     server_seconds = (last_closed - began_wall).total_seconds()
     elapsed = ended - began

@@ -323,3 +323,40 @@ def scale_table(scale: dict[str, Any]) -> str:
         f"{a:<{width}}  {b}" + (f"  [{c}{': ' + d if d else ''}]" if c else "")
         for a, b, c, d in rows
     )
+
+
+def paired_lines(paired: dict[str, Any]) -> str:
+    """The sets of blocks side by side, one line each, and the medians."""
+
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
+    def share(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0%}"
+
+    others = [name for name in ("celery", "dbos") if f"{name}_per_second" in paired["median"]]
+    label = {"celery": "chain", "dbos": "dbos"}
+    lines = []
+    for index, row in enumerate(paired["sets"], 1):
+        parts = [f"ours {_num(row['ours']['per_second'])}/s"]
+        for name in others:
+            parts.append(
+                f"{label[name]} {_num(row[name]['per_second'])}/s "
+                f"({ratio(row.get(f'throughput_vs_{name}'))})"
+            )
+        cpu = " vs ".join(_num(row[name]["cpu_ms_per_run"], 2) for name in ["ours", *others])
+        busy = " vs ".join(share(row[name]["busy"]) for name in ["ours", *others])
+        lines.append(
+            f"set {index} ({', '.join(row['order'])}): {', '.join(parts)}; "
+            f"CPU a run {cpu} ms; busy {busy}"
+        )
+    median = paired["median"]
+    lines.append(f"median of {len(paired['sets'])} sets:")
+    for name in others:
+        target = TARGETS[f"throughput_vs_{name}"]
+        lines.append(
+            f"  throughput ours / {label[name]}  {ratio(median[f'throughput_vs_{name}'])} "
+            f"(target >= {target:.1f}x); CPU a run {ratio(median[f'cpu_vs_{name}'])}; "
+            f"machine busy {share(median['ours_busy'])} vs {share(median[f'{name}_busy'])}"
+        )
+    return "\n".join(lines)

@@ -143,3 +143,82 @@ def test_perf_output_is_read_and_a_machine_without_perf_counts_nothing(
         assert counter.count is None
     finally:
         infra.perf_counts_instructions.cache_clear()
+
+
+def block(per_second: float, cpu: float | None) -> dict[str, Any]:
+    return {"per_second": per_second, "cpu_ms_per_run": None if cpu is None else {"total": cpu}}
+
+
+def test_side_by_side_sets_are_judged_by_their_median_ratio() -> None:
+    from bench.paired import summarize
+    from bench.report import paired_lines
+
+    blocks = [
+        {"order": ["ours", "celery"], "ours": block(90, 11.0), "celery": block(100, 10.0)},
+        {"order": ["celery", "ours"], "ours": block(120, 10.0), "celery": block(100, 10.0)},
+        {"order": ["ours", "celery"], "ours": block(80, 12.5), "celery": block(100, 10.0)},
+    ]
+    summary = summarize(blocks, cores=2)
+    assert [pair["throughput_vs_celery"] for pair in summary["sets"]] == pytest.approx(
+        [0.9, 1.2, 0.8]
+    )
+    median = summary["median"]
+    assert median["throughput_vs_celery"] == pytest.approx(0.9)
+    assert median["cpu_vs_celery"] == pytest.approx(1.1)
+    assert median["throughput_vs_dbos"] is None
+    # 90 runs a second at 11 ms each keep 0.99 s of CPU busy a second, of two cores.
+    assert summary["sets"][0]["ours"]["busy"] == pytest.approx(0.495)
+    assert median["ours_per_second"] == 90
+    assert median["celery_busy"] == pytest.approx(0.5)
+    lines = paired_lines(summary).splitlines()
+    assert lines[1] == (
+        "set 2 (celery, ours): ours 120.0/s, chain 100.0/s (1.20x); "
+        "CPU a run 10.00 vs 10.00 ms; busy 60% vs 50%"
+    )
+    assert lines[-2] == "median of 3 sets:"
+    assert lines[-1].startswith(
+        "  throughput ours / chain  0.90x (target >= 1.0x); CPU a run 1.10x"
+    )
+    assert "dbos" not in paired_lines(summary)
+
+
+def test_side_by_side_with_dbos_judges_both_targets() -> None:
+    from bench.paired import summarize
+    from bench.report import paired_lines
+
+    summary = summarize(
+        [
+            {
+                "order": ["ours", "celery", "dbos"],
+                "ours": block(100, 10.0),
+                "celery": block(125, 8.0),
+                "dbos": block(40, 20.0),
+            },
+            {
+                "order": ["dbos", "celery", "ours"],
+                "ours": block(110, None),
+                "celery": block(100, 8.0),
+                "dbos": block(50, 20.0),
+            },
+        ],
+        cores=2,
+    )
+    median = summary["median"]
+    assert median["throughput_vs_celery"] == pytest.approx((0.8 + 1.1) / 2)
+    assert median["throughput_vs_dbos"] == pytest.approx((2.5 + 2.2) / 2)
+    # A block without CPU figures judges no CPU ratio.
+    assert median["cpu_vs_dbos"] == pytest.approx(0.5)
+    lines = paired_lines(summary).splitlines()
+    assert lines[1] == (
+        "set 2 (dbos, celery, ours): ours 110.0/s, chain 100.0/s (1.10x), dbos 50.0/s (2.20x); "
+        "CPU a run - vs 8.00 vs 20.00 ms; busy - vs 40% vs 50%"
+    )
+    assert lines[-1].startswith("  throughput ours / dbos  2.35x (target >= 2.0x)")
+
+
+def test_pairs_must_not_be_negative(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--paired", "-1"])
+    assert "must be 0 or more, got -1" in capsys.readouterr().err
+    assert build_parser().parse_args([]).paired == 0
+    assert build_parser().parse_args(["--paired", "6"]).paired == 6
