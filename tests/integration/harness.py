@@ -360,8 +360,15 @@ def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[st
 
 
 # ------------------------------------------------------------------------------ broker
-def broker_connection() -> kombu.Connection:
-    return kombu.Connection(BROKER_URL, connect_timeout=5)
+def broker_connection(confirm: bool = False) -> kombu.Connection:
+    """A connection to the test broker; with ``confirm``, a publish waits for its confirm.
+
+    A test that publishes and then counts a quorum queue confirms: an
+    unconfirmed publish on a channel closed right after may not have reached
+    the queue yet, or at all.
+    """
+    options = {"confirm_publish": True} if confirm else {}
+    return kombu.Connection(BROKER_URL, connect_timeout=5, transport_options=options)
 
 
 def queue_state(names: Iterable[str] = PROJECT_QUEUES) -> dict[str, tuple[int, int] | None]:

@@ -129,7 +129,7 @@ def envelope_bytes(event: DomainEvent, **fields: Any) -> tuple[str, bytes]:
 def publish_event(event: DomainEvent, correlation_id: str) -> str:
     """Publish ``event`` to the exchange as the relay would; return its id."""
     event_id, body = envelope_bytes(event, correlation_id=correlation_id)
-    with harness.broker_connection() as conn:
+    with harness.broker_connection(confirm=True) as conn:
         producer = kombu.Producer(conn.channel(), auto_declare=False)
         producer.publish(
             body,
@@ -162,7 +162,7 @@ def put_dead_letters(
     ids = []
     dead_queue = topology.dead_letter_queue(group)
     before = ready_count(dead_queue) or 0
-    with harness.broker_connection() as conn:
+    with harness.broker_connection(confirm=True) as conn:
         producer = kombu.Producer(conn.channel(), auto_declare=False)
         for n in range(count):
             if body is None:
@@ -186,7 +186,15 @@ def put_dead_letters(
                 },
             )
             ids.append(event_id)
-    harness.wait_until(lambda: ready_count(dead_queue) == before + count, 30, "the dead letters")
+    try:
+        harness.wait_until(
+            lambda: ready_count(dead_queue) == before + count, 30, "the dead letters"
+        )
+    except AssertionError as exc:
+        # What the queue held says whether messages went missing or came twice.
+        raise AssertionError(
+            f"{exc}: {ready_count(dead_queue)} ready in {dead_queue}, {before + count} expected"
+        ) from None
     return ids
 
 

@@ -109,7 +109,7 @@ def take_all(name: str) -> list[Any]:
 
 
 def publish_raw(body: bytes, routing_key: str, **properties: Any) -> None:
-    with harness.broker_connection() as conn:
+    with harness.broker_connection(confirm=True) as conn:
         producer = kombu.Producer(conn.channel(), auto_declare=False)
         producer.publish(
             body,
