@@ -34,19 +34,16 @@ from activities.execution import Outcome, execute
 from activities.failure import Failure
 from activities.retry import RetryPolicy
 from orchestrator import messages, metrics
-from orchestrator.db import (
+from orchestrator.db import as_utc, once_more_on_disconnect
+from orchestrator.history import ActivityCompleted, ActivityFailed, ActivityScheduled
+from orchestrator.pipeline import (
     abandon_pipeline,
-    as_utc,
-    bound_to,
     check_refused,
     commit,
-    once_more_on_disconnect,
     pipelined,
     queue_checks,
     read_together,
-    write,
 )
-from orchestrator.history import ActivityCompleted, ActivityFailed, ActivityScheduled
 from orchestrator.runs import (
     LOAD_HISTORY,
     LOCK_RUN,
@@ -61,6 +58,8 @@ from orchestrator.runs import (
     save_run,
 )
 from orchestrator.schema import activity_tasks, timers, workflow_runs
+from orchestrator.sessions import bound_to
+from orchestrator.writes import write
 from outbox.crashpoints import crash_point
 from outbox.message import OutboxMessage
 

@@ -19,7 +19,7 @@ from sqlalchemy import Engine as DbEngine
 from activities.definition import ActivityDefinition
 from activities.payload import to_payload, validate_input
 from orchestrator.activity_runner import EagerObserver
-from orchestrator.db import create_db_engine, utcnow, write
+from orchestrator.db import create_db_engine, utcnow
 from orchestrator.engine import Engine
 from orchestrator.errors import WorkflowAlreadyStartedError
 from orchestrator.policies import IdConflictPolicy, IdReusePolicy
@@ -27,6 +27,7 @@ from orchestrator.registry import Registry
 from orchestrator.run_closed import ClosedRuns, can_listen
 from orchestrator.settings import Settings
 from orchestrator.start_group import StartGroup
+from orchestrator.writes import write
 from outbox.errors import OrchestratorError, PublishError
 from outbox.message import OutboxMessage
 from outbox.publisher import Publisher

@@ -16,14 +16,7 @@ from sqlalchemy.orm import Session
 from activities.errors import InvalidPayloadError, PayloadTooLargeError
 from activities.failure import Failure
 from activities.payload import from_payload, to_payload, validate_input
-from orchestrator.db import (
-    as_utc,
-    bound_to,
-    commit,
-    commit_handed_over,
-    pipelined,
-    queue_checks,
-)
+from orchestrator.db import as_utc
 from orchestrator.definition import WorkflowDefinition
 from orchestrator.engine import UNREAD_START, Engine, StartResult, log_started
 from orchestrator.errors import (
@@ -36,9 +29,11 @@ from orchestrator.errors import (
     failure_of,
 )
 from orchestrator.history import RecordedEvent
+from orchestrator.pipeline import commit, commit_handed_over, pipelined, queue_checks
 from orchestrator.policies import IdConflictPolicy, IdReusePolicy, RunStatus
 from orchestrator.runs import load_history
 from orchestrator.schema import workflow_runs
+from orchestrator.sessions import bound_to
 from orchestrator.start_group import ALONE, Member
 from orchestrator.workflow import NO_ARG
 

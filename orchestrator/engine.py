@@ -34,16 +34,7 @@ from orchestrator.activity_runner import (
     ClaimedAttempt,
     EagerObserver,
 )
-from orchestrator.db import (
-    after_commit,
-    bound_to,
-    commit,
-    on_close,
-    once_more_on_disconnect,
-    session_factory,
-    utcnow,
-    write,
-)
+from orchestrator.db import once_more_on_disconnect, session_factory, utcnow
 from orchestrator.dead_letters import DeadLetters
 from orchestrator.errors import (
     HistoryLimitError,
@@ -75,6 +66,7 @@ from orchestrator.history import (
 )
 from orchestrator.instance import ActivityDefaults, WorkflowInstance
 from orchestrator.lifecycle import WorkflowClosed, WorkflowRunStarted, lifecycle_message
+from orchestrator.pipeline import commit
 from orchestrator.policies import IdConflictPolicy, IdReusePolicy, ParentClosePolicy, RunStatus
 from orchestrator.registry import Registry
 from orchestrator.run_closed import RUN_CLOSED_CHANNEL
@@ -88,8 +80,10 @@ from orchestrator.runs import (
     snapshot,
 )
 from orchestrator.schema import activity_tasks, workflow_runs
+from orchestrator.sessions import after_commit, bound_to, on_close
 from orchestrator.settings import Settings
 from orchestrator.timers import TimerService, cancel_timer, delete_run_timers, start_timer
+from orchestrator.writes import write
 from outbox.message import OutboxMessage
 from outbox.writer import OutboxWriter
 

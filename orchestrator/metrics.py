@@ -51,9 +51,10 @@ from sqlalchemy import Connection, case, func, select
 from sqlalchemy.orm import Session
 
 from orchestrator import schema
-from orchestrator.db import after_commit, as_utc
+from orchestrator.db import as_utc
 from orchestrator.policies import RunStatus
 from orchestrator.schema import activity_tasks, outbox_messages, timers, workflow_runs
+from orchestrator.sessions import after_commit
 
 if TYPE_CHECKING:
     from orchestrator.app import Orchestrator
@@ -199,7 +200,7 @@ def run_closed(
 ) -> None:
     """A run closes in ``session``'s transaction: observe its duration once that commits.
 
-    The observation waits for the commit (:func:`orchestrator.db.after_commit`),
+    The observation waits for the commit (:func:`orchestrator.sessions.after_commit`),
     so a close that is rolled back and made again counts once.
     """
     if created_at is None:

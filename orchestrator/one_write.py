@@ -146,7 +146,7 @@ def commit_unread(
     Statements are ``(sql, params, many)`` and reads ``(sql, params)``, with
     psycopg's placeholders. The first statement must begin the transaction
     (``BEGIN``) on a connection in autocommit: the caller's, as
-    ``db.pipelined`` leaves it. A read's rows come as psycopg reads them
+    ``pipeline.pipelined`` leaves it. A read's rows come as psycopg reads them
     (its loaders for each column's type), as dictionaries by column name.
     ``before_send`` is called once everything is bound, before anything is
     written: from then on the COMMIT may reach the server.

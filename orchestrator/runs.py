@@ -18,11 +18,12 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ClauseElement
 
-from orchestrator.db import as_utc, write
+from orchestrator.db import as_utc
 from orchestrator.history import HistoryEvent, RecordedEvent, load_event
 from orchestrator.instance import WorkflowInstance
 from orchestrator.policies import RunStatus
 from orchestrator.schema import workflow_events, workflow_runs
+from orchestrator.writes import write
 
 
 @dataclass

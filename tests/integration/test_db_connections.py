@@ -42,18 +42,13 @@ from orchestrator import (
     workflow,
 )
 from orchestrator import db as orchestrator_db
+from orchestrator import pipeline as orchestrator_pipeline
+from orchestrator import sessions as orchestrator_sessions
 from orchestrator.activity_runner import ActivityRunner
-from orchestrator.db import (
-    commit,
-    create_db_engine,
-    once_more_on_disconnect,
-    pipelined,
-    queue_checks,
-    read_together,
-    session_factory,
-    write,
-)
+from orchestrator.db import create_db_engine, once_more_on_disconnect, session_factory
 from orchestrator.instance import WorkflowInstance
+from orchestrator.pipeline import commit, pipelined, queue_checks, read_together
+from orchestrator.writes import write
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -217,7 +212,7 @@ def test_a_connection_lost_in_a_pipeline_is_retried_like_any_other(
     def transaction() -> None:
         attempts.append(1)
         with sessions() as session, pipelined(session, lean=lean):
-            assert (orchestrator_db._LEAN in session.info) is lean
+            assert (orchestrator_sessions.LEAN in session.info) is lean
             row = {"id": 10 + len(attempts), "note": "x"}
             if held_back:  # the whole transaction goes in one write, at the commit
                 write(session, INSERT, row)
@@ -252,7 +247,7 @@ def test_a_failed_commit_says_whether_its_commit_may_have_reached_the_database(
                         before_commit()
                     commit(session)
             except Exception:
-                return orchestrator_db.commit_handed_over(session)
+                return orchestrator_pipeline.commit_handed_over(session)
         raise AssertionError("the commit did not fail")
 
     # A value the driver cannot send: nothing went to the server.
@@ -274,7 +269,9 @@ FAILING_READ = text("SELECT 1 / (id - :id) AS boom FROM it_pipelined")
 
 
 def count_syncs(session: Session, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    pipeline = session.info[orchestrator_db._PIPELINE].pipeline
+    entry = orchestrator_pipeline.current_pipeline(session)
+    assert entry is not None
+    pipeline = entry.pipeline
     syncs: list[int] = []
     original = pipeline.sync
 
@@ -1197,11 +1194,11 @@ def test_a_pipelined_transaction_that_ends_another_way_leaves_the_connection_as_
         # A pipeline inside another joins it.
         with sessions() as session, pipelined(session):
             write(session, INSERT_DOC, {"id": 1, "doc": {}})
-            outer = session.info[orchestrator_db._PIPELINE]
+            outer = orchestrator_pipeline.current_pipeline(session)
             with pipelined(session):
                 write(session, INSERT_DOC, {"id": 2, "doc": {}})
             # The outer block's pipeline holds the inner one's write too, unsent.
-            assert session.info[orchestrator_db._PIPELINE] is outer
+            assert orchestrator_pipeline.current_pipeline(session) is outer
             assert [sql.split()[0] for sql, _, _ in outer.pending] == ["BEGIN", "INSERT", "INSERT"]
             write(session, INSERT_DOC, {"id": 3, "doc": {}})
             commit(session)
@@ -1373,7 +1370,7 @@ def test_a_claim_brings_a_cached_instance_up_to_date_with_what_others_recorded(
         second = harness.activity_rows(db, handle.run_id)
         assert len(second) == 1
         history_reads: list[Any] = []
-        read = orchestrator_db.read_together
+        read = orchestrator_pipeline.read_together
 
         def spy_reads(session: Session, reads: Any, **kwargs: Any) -> Any:
             history_reads.extend(p["b_after"] for _s, p in reads if "b_after" in p)
@@ -1500,7 +1497,7 @@ def test_a_lean_transaction_commits_without_a_sqlalchemy_connection(
     told: list[str] = []
     with sessions() as session, pipelined(session, lean=True):
         write(session, INSERT_DOC, {"id": 1, "doc": {"a": 1}})
-        orchestrator_db.after_commit(session, lambda: told.append("committed"))
+        orchestrator_sessions.after_commit(session, lambda: told.append("committed"))
         assert pooled.pool.checkedout() == 1
         commit(session)
         # Back in the pool with its transaction, the session still open.
@@ -1580,7 +1577,7 @@ def test_a_lean_transaction_rolled_back_or_closed_early_leaves_nothing_behind(
         # The connection went back with the transaction, its writes dropped;
         # what follows is a transaction of its own, on a connection of its own.
         assert pooled.pool.checkedout() == 0
-        assert orchestrator_db._PIPELINE not in session.info
+        assert orchestrator_pipeline.current_pipeline(session) is None
         session.execute(INSERT_DOC, {"id": 2, "doc": {}})
         session.commit()
     with sessions() as session, pipelined(session, lean=True):

@@ -21,7 +21,7 @@ from orchestrator import (
     StartInDoubtError,
     WorkflowAlreadyStartedError,
 )
-from orchestrator import db as orchestrator_db
+from orchestrator import pipeline as orchestrator_pipeline
 from orchestrator.client import commit_starts
 from orchestrator.engine import StartResult
 from orchestrator.schema import workflow_runs
@@ -289,8 +289,8 @@ class ServerFatal(ServerError):
 
 def _failing_commit(error: BaseException, *, handed_over: bool) -> Callable[[Any], None]:
     def commit(session: Any, committed: Any = None) -> None:
-        if handed_over:  # as db.commit notes a COMMIT that may have reached the server
-            session.info[orchestrator_db._COMMIT_HANDED_OVER] = True
+        if handed_over:  # as pipeline.commit notes a COMMIT that may have reached the server
+            session.info[orchestrator_pipeline._COMMIT_HANDED_OVER] = True
         session.rollback()
         raise error
 
