@@ -324,6 +324,7 @@ class Engine:
             parent_run_id=parent.run_id if parent else None,
             parent_child_id=parent.child_id if parent else None,
             parent_close_policy=parent.close_policy.value if parent else None,
+            workflow_queue=self.settings.workflow_queue,
         )
         run.append(
             WorkflowStarted(
@@ -365,9 +366,7 @@ class Engine:
                 instance.close()
         else:
             save_run(session, run, now)
-            outgoing.append(
-                messages.workflow_task(run_id, workflow_id, self.settings.workflow_queue)
-            )
+            outgoing.append(messages.workflow_task(run_id, workflow_id, self.queue_of(run)))
         if self.settings.lifecycle_events:
             started = WorkflowRunStarted(
                 workflow_id=workflow_id, run_id=run_id, workflow_type=workflow_type
@@ -408,6 +407,7 @@ class Engine:
             "parent_child_id": run.parent_child_id,
             "parent_close_policy": run.parent_close_policy,
             "parent_notified": False,
+            "workflow_queue": run.workflow_queue,
             "created_at": now,
             "updated_at": now,
         }
@@ -617,9 +617,7 @@ class Engine:
             run.append(event)
         save_run(session, run, now)
         if follow_ups:
-            sending.append(
-                messages.workflow_task(run.run_id, run.workflow_id, self.settings.workflow_queue)
-            )
+            sending.append(messages.workflow_task(run.run_id, run.workflow_id, self.queue_of(run)))
         if outgoing is None and sending:
             self.outbox.add(session, sending)
         session.info.setdefault("instances", []).append((instance, run))
@@ -669,6 +667,10 @@ class Engine:
                 "carried_signals": [s.model_dump(mode="json") for s in carried],
             }
         )
+
+    def queue_of(self, run: LockedRun) -> str:
+        """The queue of ``run``'s workflow tasks: that of the app that started it."""
+        return run.workflow_queue or self.settings.workflow_queue
 
     @staticmethod
     def _parent_of(run: LockedRun) -> ParentLink | None:
@@ -783,6 +785,7 @@ class Engine:
                 workflow_runs.c.run_id,
                 workflow_runs.c.workflow_id,
                 workflow_runs.c.parent_close_policy,
+                workflow_runs.c.workflow_queue,
             ).where(
                 workflow_runs.c.parent_run_id == run.run_id,
                 workflow_runs.c.closed_at.is_(None),
@@ -794,9 +797,9 @@ class Engine:
                 child_workflow_id,
                 "terminate" if policy == ParentClosePolicy.TERMINATE.value else "cancel",
                 f"parent {run.workflow_id} closed",
-                self.settings.workflow_queue,
+                queue or self.settings.workflow_queue,
             )
-            for child_run_id, child_workflow_id, policy in children
+            for child_run_id, child_workflow_id, policy, queue in children
             if policy != ParentClosePolicy.ABANDON.value
         ]
 
@@ -815,7 +818,8 @@ class Engine:
                 status=status.value,
                 result=changes.get("result"),
                 failure=changes.get("failure"),
-                queue=self.settings.workflow_queue,
+                # The parent's: a child runs where its parent started it.
+                queue=self.queue_of(run),
             )
         ]
 
@@ -847,8 +851,7 @@ class Engine:
                 return
         save_run(session, run, now)
         self.outbox.add(
-            session,
-            [messages.workflow_task(run.run_id, run.workflow_id, self.settings.workflow_queue)],
+            session, [messages.workflow_task(run.run_id, run.workflow_id, self.queue_of(run))]
         )
 
     def _record_task_failure(self, run_id: str, exc: BaseException) -> None:
@@ -991,9 +994,7 @@ class Engine:
                     activity_tasks.c.task_queue,
                 ).where(activity_tasks.c.run_id == run_id, activity_tasks.c.status == "SCHEDULED")
             ).all()
-            outgoing = [
-                messages.workflow_task(run.run_id, run.workflow_id, self.settings.workflow_queue)
-            ]
+            outgoing = [messages.workflow_task(run.run_id, run.workflow_id, self.queue_of(run))]
             outgoing += [
                 messages.activity_task(
                     run_id=run.run_id,

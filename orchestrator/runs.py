@@ -43,6 +43,7 @@ class LockedRun:
     parent_child_id: str | None = None
     parent_close_policy: str | None = None
     has_task_failure: bool = False
+    workflow_queue: str | None = None
     changes: dict[str, Any] = field(default_factory=dict)
     # Column values the row already holds (a row inserted in this transaction):
     # a save that would only write these again writes nothing.
@@ -75,6 +76,7 @@ _RUN_COLUMNS = (
     workflow_runs.c.parent_child_id,
     workflow_runs.c.parent_close_policy,
     workflow_runs.c.task_failure.is_not(None).label("has_task_failure"),
+    workflow_runs.c.workflow_queue,
 )
 SELECT_RUN = select(*_RUN_COLUMNS).where(workflow_runs.c.run_id == bindparam("b_run_id"))
 LOCK_RUN = SELECT_RUN.with_for_update()
@@ -154,6 +156,7 @@ def locked_run_from(row: Any) -> LockedRun:
         parent_child_id=row["parent_child_id"],
         parent_close_policy=row["parent_close_policy"],
         has_task_failure=bool(row["has_task_failure"]),
+        workflow_queue=row["workflow_queue"],
     )
 
 

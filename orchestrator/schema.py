@@ -65,6 +65,12 @@ workflow_runs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("closed_at", DateTime(timezone=True), nullable=True),
+    # The queue of the workers that run this workflow's tasks (those of the app
+    # that started it). Whoever else touches the run (another app's client
+    # signalling it, a scheduler or watchdog serving several apps, an
+    # operator) asks for its next task there. Null in rows older than the
+    # column: their tasks go to the acting process's own workflow queue.
+    Column("workflow_queue", String(255), nullable=True),
 )
 # At most one open run per workflow id: the database, not a read-then-write, decides.
 Index(

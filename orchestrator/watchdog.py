@@ -26,10 +26,14 @@ def redispatch_stalled(engine: Engine, *, stale_after: float, limit: int = 100) 
     """Send again the messages of stalled runs and activity attempts; return how many."""
     now = engine.clock()
     cutoff = now - timedelta(seconds=stale_after)
+    # A run's tasks go to its own queue (this watchdog may serve runs of
+    # several apps); those of rows from before that column, to this app's.
     queue = engine.settings.workflow_queue
     with engine.sessions() as session:
         runs = session.execute(
-            select(workflow_runs.c.run_id, workflow_runs.c.workflow_id)
+            select(
+                workflow_runs.c.run_id, workflow_runs.c.workflow_id, workflow_runs.c.workflow_queue
+            )
             .where(
                 workflow_runs.c.closed_at.is_(None),
                 workflow_runs.c.paused.is_(False),
@@ -60,7 +64,10 @@ def redispatch_stalled(engine: Engine, *, stale_after: float, limit: int = 100) 
         ).all()
         if not runs and not attempts:
             return 0
-        outgoing = [messages.workflow_task(run_id, wid, queue) for run_id, wid in runs]
+        outgoing = [
+            messages.workflow_task(run_id, wid, run_queue or queue)
+            for run_id, wid, run_queue in runs
+        ]
         outgoing += [
             messages.activity_task(
                 run_id=run_id,
@@ -73,7 +80,7 @@ def redispatch_stalled(engine: Engine, *, stale_after: float, limit: int = 100) 
             for run_id, activity_id, activity_type, attempt, task_queue, workflow_id in attempts
         ]
         # Touch what was re-sent so the next scan waits another stale_after.
-        for run_id, _ in runs:
+        for run_id, *_ in runs:
             session.execute(
                 update(workflow_runs).where(workflow_runs.c.run_id == run_id).values(updated_at=now)
             )
