@@ -366,7 +366,7 @@ class Engine:
                 instance.close()
         else:
             save_run(session, run, now)
-            outgoing.append(messages.workflow_task(run_id, workflow_id, self.queue_of(run)))
+            outgoing.append(self._task_message(run))
         if self.settings.lifecycle_events:
             started = WorkflowRunStarted(
                 workflow_id=workflow_id, run_id=run_id, workflow_type=workflow_type
@@ -617,7 +617,7 @@ class Engine:
             run.append(event)
         save_run(session, run, now)
         if follow_ups:
-            sending.append(messages.workflow_task(run.run_id, run.workflow_id, self.queue_of(run)))
+            sending.append(self._task_message(run))
         if outgoing is None and sending:
             self.outbox.add(session, sending)
         session.info.setdefault("instances", []).append((instance, run))
@@ -668,9 +668,19 @@ class Engine:
             }
         )
 
-    def queue_of(self, run: LockedRun) -> str:
-        """The queue of ``run``'s workflow tasks: that of the app that started it."""
-        return run.workflow_queue or self.settings.workflow_queue
+    def workflow_queue(self, stored: str | None) -> str:
+        """The queue of a run's workflow tasks, from its row's ``workflow_queue``.
+
+        That of the app that started it; this process's own for a row from
+        before the column.
+        """
+        return stored or self.settings.workflow_queue
+
+    def _task_message(self, run: LockedRun) -> OutboxMessage:
+        """The message asking for ``run``'s next workflow task, on its own queue."""
+        return messages.workflow_task(
+            run.run_id, run.workflow_id, self.workflow_queue(run.workflow_queue)
+        )
 
     @staticmethod
     def _parent_of(run: LockedRun) -> ParentLink | None:
@@ -797,7 +807,7 @@ class Engine:
                 child_workflow_id,
                 "terminate" if policy == ParentClosePolicy.TERMINATE.value else "cancel",
                 f"parent {run.workflow_id} closed",
-                queue or self.settings.workflow_queue,
+                self.workflow_queue(queue),
             )
             for child_run_id, child_workflow_id, policy, queue in children
             if policy != ParentClosePolicy.ABANDON.value
@@ -819,7 +829,7 @@ class Engine:
                 result=changes.get("result"),
                 failure=changes.get("failure"),
                 # The parent's: a child runs where its parent started it.
-                queue=self.queue_of(run),
+                queue=self.workflow_queue(run.workflow_queue),
             )
         ]
 
@@ -850,9 +860,7 @@ class Engine:
                 self._record(session, run, instance, commands, now)
                 return
         save_run(session, run, now)
-        self.outbox.add(
-            session, [messages.workflow_task(run.run_id, run.workflow_id, self.queue_of(run))]
-        )
+        self.outbox.add(session, [self._task_message(run)])
 
     def _record_task_failure(self, run_id: str, exc: BaseException) -> None:
         failure = Failure.from_exception(exc)
@@ -994,7 +1002,7 @@ class Engine:
                     activity_tasks.c.task_queue,
                 ).where(activity_tasks.c.run_id == run_id, activity_tasks.c.status == "SCHEDULED")
             ).all()
-            outgoing = [messages.workflow_task(run.run_id, run.workflow_id, self.queue_of(run))]
+            outgoing = [self._task_message(run)]
             outgoing += [
                 messages.activity_task(
                     run_id=run.run_id,

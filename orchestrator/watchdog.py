@@ -26,9 +26,6 @@ def redispatch_stalled(engine: Engine, *, stale_after: float, limit: int = 100) 
     """Send again the messages of stalled runs and activity attempts; return how many."""
     now = engine.clock()
     cutoff = now - timedelta(seconds=stale_after)
-    # A run's tasks go to its own queue (this watchdog may serve runs of
-    # several apps); those of rows from before that column, to this app's.
-    queue = engine.settings.workflow_queue
     with engine.sessions() as session:
         runs = session.execute(
             select(
@@ -65,7 +62,8 @@ def redispatch_stalled(engine: Engine, *, stale_after: float, limit: int = 100) 
         if not runs and not attempts:
             return 0
         outgoing = [
-            messages.workflow_task(run_id, wid, run_queue or queue)
+            # The run's own queue: this watchdog may serve runs of several apps.
+            messages.workflow_task(run_id, wid, engine.workflow_queue(run_queue))
             for run_id, wid, run_queue in runs
         ]
         outgoing += [
